@@ -1,0 +1,166 @@
+"""Build a megatron-core ``GPTModel`` for one ModelSpec on one Layout, with explicit process groups."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_real.compat import apply_cpu_compat, cuda_to_cpu, has_cuda
+from lightning_real.distributed.groups import LayoutGroups
+from lightning_real.layout import LayoutError
+from lightning_real.models.spec import ModelSpec
+
+
+def stage_layers(num_layers: int, pp: int) -> list[int]:
+    """Layers per pipeline stage.
+
+    The first and last stages also hold the embedding and the head, so when ``pp`` does not
+    divide ``num_layers`` they take the fewer layers; middle stages are equal because
+    megatron-core can only vary the first and last stage.
+    """
+    if pp < 1 or num_layers < pp:
+        raise LayoutError(f"{num_layers} layers cannot be split into pp={pp} pipeline stages")
+    if num_layers % pp == 0:
+        return [num_layers // pp] * pp
+    if pp == 2:
+        first = num_layers // 2
+        return [first, num_layers - first]
+    mid = math.ceil(num_layers / pp)
+    while True:
+        ends = num_layers - (pp - 2) * mid
+        if ends >= 2:
+            first = ends // 2
+            return [first] + [mid] * (pp - 2) + [ends - first]
+        mid -= 1
+
+
+def stage_layer_range(num_layers: int, pp: int, stage: int) -> range:
+    """Global indices of the transformer layers held by pipeline ``stage``."""
+    counts = stage_layers(num_layers, pp)
+    start = sum(counts[:stage])
+    return range(start, start + counts[stage])
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def transformer_config(spec: ModelSpec, groups: LayoutGroups, dtype: torch.dtype = torch.float32) -> Any:
+    """megatron-core TransformerConfig for ``spec`` split as ``groups.layout``."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    lay = groups.layout
+    counts = stage_layers(spec.num_layers, lay.pp)
+    uneven = lay.pp > 1 and len(set(counts)) > 1
+    cpu = not has_cuda()
+    return TransformerConfig(
+        num_layers=spec.num_layers,
+        hidden_size=spec.hidden_size,
+        num_attention_heads=spec.num_heads,
+        num_query_groups=spec.num_kv_heads,
+        ffn_hidden_size=spec.ffn_hidden_size,
+        kv_channels=spec.head_dim,
+        normalization="LayerNorm" if spec.family == "gpt2" else "RMSNorm",
+        layernorm_epsilon=spec.norm_eps,
+        gated_linear_unit=spec.gated_mlp,
+        activation_func=F.silu if spec.gated_mlp else _gelu_tanh,
+        add_bias_linear=spec.has_bias,
+        add_qkv_bias=spec.qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=lay.tp,
+        pipeline_model_parallel_size=lay.pp,
+        num_layers_in_first_pipeline_stage=counts[0] if uneven else None,
+        num_layers_in_last_pipeline_stage=counts[-1] if uneven else None,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        use_cpu_initialization=cpu,
+        perform_initialization=True,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        masked_softmax_fusion=False,
+        bias_dropout_fusion=False,
+        bias_activation_fusion=False,
+        apply_rope_fusion=False,
+        sequence_parallel=False,
+        moe_token_dispatcher_type="alltoall",
+        variable_seq_lengths=True,
+        deallocate_pipeline_outputs=False,
+    )
+
+
+class ValueHead(nn.Module):
+    """Scalar head replacing the vocabulary projection (critic, reward).
+
+    Replicated on every tensor-parallel rank (it is tiny); it takes the call signature of
+    megatron's ``ColumnParallelLinear`` so ``GPTModel.forward`` uses it unchanged.
+    """
+
+    def __init__(self, hidden_size: int, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(1, hidden_size, dtype=dtype))
+        nn.init.normal_(self.weight, std=hidden_size**-0.5)
+
+    def forward(self, x: torch.Tensor, weight: Any = None, runtime_gather_output: Any = None) -> tuple:
+        return F.linear(x, self.weight), None
+
+
+def build_gpt(
+    spec: ModelSpec, groups: LayoutGroups, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> nn.Module:
+    """A megatron-core GPTModel holding this rank's shard of ``spec`` under ``groups.layout``.
+
+    All ranks of the layout must call this together with the same ``seed``; random weights
+    are then consistent shards of one model (they are usually overwritten by an HF import).
+    """
+    from megatron.core import tensor_parallel
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    if not groups.member:
+        raise RuntimeError(f"rank {groups.rank} is not in layout {groups.layout}; nothing to build")
+    groups.layout.validate(
+        groups.layout.size if groups.layout.ranks is None else 1 + max(groups.layout.ranks), spec
+    )
+    apply_cpu_compat()
+    from megatron.core import parallel_state
+
+    # Core attention borrows scratch space from megatron's process-wide buffer.
+    if parallel_state._GLOBAL_MEMORY_BUFFER is None:
+        parallel_state._set_global_memory_buffer()
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(
+        seed,
+        inference_rng_tracker=not has_cuda(),
+        tp_rank=groups.tp_rank,
+        ep_rank=0,
+        etp_rank=0,
+        force_reset_rng=True,
+    )
+    config = transformer_config(spec, groups, dtype)
+    layer_spec = get_gpt_layer_local_spec(normalization=config.normalization)
+    # Tied embeddings across pipeline stages move the weight with .cuda() during construction.
+    with cuda_to_cpu():
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=layer_spec,
+            vocab_size=spec.vocab_size,
+            max_sequence_length=spec.max_position_embeddings,
+            pre_process=groups.is_first_stage,
+            post_process=groups.is_last_stage,
+            parallel_output=True,
+            share_embeddings_and_output_weights=spec.tied_embeddings,
+            position_embedding_type="learned_absolute" if spec.learned_positions else "rope",
+            rotary_base=int(spec.rope_theta),
+            pg_collection=groups.pg_collection(),
+        )
+    if spec.head == "value" and groups.is_last_stage:
+        model.output_layer = ValueHead(spec.hidden_size, dtype)
+    if has_cuda():
+        model = model.cuda()
+    return model
