@@ -180,6 +180,8 @@ class ModelSpec:
                 resid_pdrop=0.0,
                 embd_pdrop=0.0,
                 attn_pdrop=0.0,
+                bos_token_id=None,
+                eos_token_id=None,
             )
         if self.head == "value":
             cfg.num_labels = 1

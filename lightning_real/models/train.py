@@ -1,0 +1,401 @@
+"""One optimization step of a model shard under its layout.
+
+:class:`TrainEngine` runs megatron-core's pipeline schedule (1F1B for pp > 1, a plain
+microbatch loop for pp = 1) over ``n_mbs`` microbatches of this replica's batch, then
+finishes the gradients (average over the data-parallel group, sum of the tied embedding's two
+copies over the embedding group), clips them by the global norm and applies AdamW.
+
+Loss normalisation: ``loss_fn(output, microbatch)`` returns the *sum* of its per-token (or
+per-sequence) losses over the microbatch. The engine divides by the global normaliser: the sum
+of ``batch[TrainConfig.norm_key]`` over the whole global batch (all microbatches, all
+data-parallel replicas; the number of sequences when ``norm_key`` is None). The step's loss, and
+its gradient, are therefore those of one device computing ``sum(losses) / normaliser`` over the
+full batch, whatever the layout and microbatch count. Metrics returned by ``loss_fn`` are
+normalised the same way.
+
+``output`` is what the last stage produces: vocabulary-parallel logits ``[b, s, V/tp]`` (lm head)
+or values ``[b, s, 1]`` (value head). Every tensor-parallel rank must compute the same loss:
+use :func:`vocab_parallel_logprobs` and :func:`vocab_parallel_entropy` on logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from lightning_real.compat import cuda_to_cpu
+from lightning_real.models.optim import (
+    OptimConfig,
+    build_adamw,
+    clip_grads_,
+    global_grad_norm,
+    lr_at,
+    set_lr_,
+)
+from lightning_real.models.shard import ModelShard
+from lightning_real.models.sharding import WORD_EMBEDDINGS
+
+Batch = dict[str, torch.Tensor]
+LossFn = Callable[[torch.Tensor, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+INPUT_IDS = "input_ids"
+ATTENTION_MASK = "attention_mask"
+POSITION_IDS = "position_ids"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How one training step of one model is run."""
+
+    n_mbs: int = 1
+    """Microbatches per step on each data-parallel replica (the pipeline schedule's microbatches)."""
+    norm_key: str | None = "loss_mask"
+    """Batch entry whose sum over the global batch divides the summed loss; None: the number of sequences."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer, learning-rate schedule and clipping."""
+    bucket_numel: int = 1 << 24
+    """Elements per all-reduce message when averaging gradients over the data-parallel group."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.n_mbs, int) or self.n_mbs < 1:
+            raise ValueError(f"TrainConfig.n_mbs={self.n_mbs!r}; allowed: an integer >= 1")
+        if self.norm_key is not None and not isinstance(self.norm_key, str):
+            raise ValueError(f"TrainConfig.norm_key={self.norm_key!r}; allowed: a batch key or None")
+        if not isinstance(self.optim, OptimConfig):
+            raise ValueError(f"TrainConfig.optim={self.optim!r}; allowed: an OptimConfig")
+        if not isinstance(self.bucket_numel, int) or self.bucket_numel < 1:
+            raise ValueError(f"TrainConfig.bucket_numel={self.bucket_numel!r}; allowed: an integer >= 1")
+
+
+# ---- vocabulary-parallel loss pieces ---------------------------------------------------------
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the tensor-parallel group; backward is the identity.
+
+    The result feeds a loss every tp rank computes identically, so each rank's gradient with
+    respect to its own contribution is the upstream gradient itself (megatron's
+    ``reduce_from_tensor_model_parallel_region``, with an explicit group).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+def _tp_size(group: Any) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def _tp_sum(x: torch.Tensor, group: Any) -> torch.Tensor:
+    return x if _tp_size(group) == 1 else _AllReduceSum.apply(x, group)
+
+
+def _shifted(logits: torch.Tensor, group: Any) -> torch.Tensor:
+    """Logits minus their (global, constant) row maximum, in fp32."""
+    logits = logits.float()
+    m = logits.detach().max(dim=-1, keepdim=True).values
+    if _tp_size(group) > 1:
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    return logits - m
+
+
+def vocab_parallel_logprobs(logits: torch.Tensor, labels: torch.Tensor, tp_group: Any) -> torch.Tensor:
+    """``log softmax(logits)[labels]`` for logits split over the vocabulary, ``[b, s]`` fp32.
+
+    ``logits`` is this rank's ``[b, s, V/tp]`` slice (tp rank r holds columns r*V/tp ...);
+    ``labels`` holds global token ids. Every tp rank gets the same result and gradients flow to
+    each rank's own slice. ``tp_group`` None means the logits are complete.
+    """
+    z = _shifted(logits, tp_group)
+    part = z.shape[-1]
+    lo = 0 if tp_group is None else dist.get_rank(tp_group) * part
+    local = labels - lo
+    inside = (local >= 0) & (local < part)
+    picked = z.gather(-1, local.clamp(0, part - 1).unsqueeze(-1)).squeeze(-1) * inside
+    target = _tp_sum(picked, tp_group)
+    sumexp = _tp_sum(z.exp().sum(-1), tp_group)
+    return target - sumexp.log()
+
+
+def vocab_parallel_entropy(logits: torch.Tensor, tp_group: Any) -> torch.Tensor:
+    """Entropy of ``softmax(logits)`` per position for logits split over the vocabulary, ``[b, s]``."""
+    z = _shifted(logits, tp_group)
+    e = z.exp()
+    sumexp = _tp_sum(e.sum(-1), tp_group)
+    weighted = _tp_sum((e * z).sum(-1), tp_group)
+    # H = log S - sum_j p_j z_j with z shifted by a constant (which H does not depend on).
+    return sumexp.log() - weighted / sumexp
+
+
+# ---- batches ------------------------------------------------------------------------------
+def megatron_attention_mask(padding_mask: torch.Tensor) -> torch.Tensor:
+    """megatron's bool ``[b, 1, s, s]`` mask (True = masked out) from a ``[b, s]`` padding mask (1 = token)."""
+    b, s = padding_mask.shape
+    causal = torch.triu(torch.ones(s, s, dtype=torch.bool, device=padding_mask.device), diagonal=1)
+    return causal.view(1, 1, s, s) | ~padding_mask.bool().view(b, 1, 1, s)
+
+
+def position_ids(padding_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only (left padding starts at 0), as HF models count them."""
+    return (padding_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def split_microbatches(batch: Batch, n_mbs: int) -> list[Batch]:
+    """Cut every entry along dim 0 into ``n_mbs`` near-equal microbatches."""
+    sizes = {k: v.shape[0] for k, v in batch.items()}
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"batch entries disagree on the batch size: {sizes}")
+    rows = next(iter(sizes.values()))
+    if rows < n_mbs:
+        raise ValueError(f"TrainConfig.n_mbs={n_mbs} exceeds the {rows} sequences of this replica's batch")
+    parts = {k: torch.tensor_split(v, n_mbs, dim=0) for k, v in batch.items()}
+    return [{k: parts[k][i] for k in batch} for i in range(n_mbs)]
+
+
+def split_for_dp(batch: Batch, dp: int, dp_rank: int) -> Batch:
+    """This data-parallel replica's contiguous share of a global batch."""
+    return {k: torch.tensor_split(v, dp, dim=0)[dp_rank] for k, v in batch.items()}
+
+
+# ---- the engine ---------------------------------------------------------------------------
+class TrainEngine:
+    """Trains one :class:`ModelShard` in place on its layout; AdamW state lives with the shard.
+
+    All ranks of the layout call :meth:`step` together, each with its replica's batch (the tp
+    ranks and pipeline stages of one replica pass the same batch). Ranks outside the layout get
+    an empty dict at once. Gradients of the last step stay on the parameters until the next step
+    or :meth:`zero_grad`.
+    """
+
+    def __init__(self, shard: ModelShard, loss_fn: LossFn, config: TrainConfig | None = None) -> None:
+        self.shard = shard
+        self.loss_fn = loss_fn
+        self.config = config or TrainConfig()
+        self.steps = 0
+        """Optimizer steps taken."""
+        g = shard.groups
+        self._params = shard.params()
+        self._tied_pp = (
+            shard.member and shard.spec.tied_embeddings and shard.spec.head == "lm" and g.layout.pp > 1
+        )
+        self.optimizer = build_adamw(self._params, self.config.optim) if shard.member else None
+
+    @property
+    def tp_group(self) -> Any:
+        """Tensor-parallel group of this rank (pass it to the vocabulary-parallel loss helpers)."""
+        return self.shard.groups.tp
+
+    @property
+    def lr(self) -> float:
+        """Learning rate the next step uses."""
+        return lr_at(self.config.optim, self.steps)
+
+    def zero_grad(self) -> None:
+        """Drop the gradients (frees their memory)."""
+        for _, p in self._params:
+            p.grad = None
+
+    # ---- one step ---------------------------------------------------------------------------
+    def step(self, batch: Batch) -> dict[str, float]:
+        """Forward, backward and AdamW update on this replica's ``batch``; metrics equal on every rank.
+
+        ``batch`` holds ``input_ids`` ``[b, s]``, optionally ``attention_mask`` (1 = token,
+        default all ones) and ``position_ids``, plus whatever ``loss_fn`` reads. Returns the
+        global ``loss``, ``grad_norm`` (before clipping), ``lr`` and the loss function's metrics.
+        """
+        if not self.shard.member:
+            return {}
+        cfg, g = self.config, self.shard.groups
+        module = self.shard.module
+        assert module is not None and self.optimizer is not None
+        if INPUT_IDS not in batch:
+            raise KeyError(f"training batch needs '{INPUT_IDS}'; it has {sorted(batch)}")
+        norm = self._global_normaliser(batch)
+        dev = self._device()
+        mbs = [{k: v.to(dev) for k, v in mb.items()} for mb in split_microbatches(batch, cfg.n_mbs)]
+        module.train()
+        self.zero_grad()
+        sums: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []
+        # megatron divides each microbatch's loss by n_mbs; the factor n_mbs undoes that, and
+        # dp makes the replicas' gradient *average* equal the gradient of sum / normaliser.
+        scale = cfg.n_mbs * g.layout.dp / norm
+        self._run_schedule(mbs, scale, sums)
+        self._finish_grads()
+        grad_norm = global_grad_norm(self._params, g, self._tied_pp)
+        clip_grads_(self._params, cfg.optim.max_grad_norm, grad_norm)
+        lr = self.lr
+        set_lr_(self.optimizer, lr)
+        self.optimizer.step()
+        self.steps += 1
+        metrics = self._reduce_metrics(sums, norm)
+        metrics.update(grad_norm=grad_norm, lr=lr)
+        return metrics
+
+    def _global_normaliser(self, batch: Batch) -> float:
+        key = self.config.norm_key
+        if key is None:
+            count = torch.tensor(float(batch[INPUT_IDS].shape[0]), dtype=torch.float64)
+        else:
+            if key not in batch:
+                raise KeyError(
+                    f"TrainConfig.norm_key={key!r} is not in the batch (keys: {sorted(batch)}); "
+                    "allowed: one of the batch keys, or None to normalise by the number of sequences"
+                )
+            count = batch[key].detach().double().sum().cpu()
+        g = self.shard.groups
+        if g.layout.dp > 1:
+            count = count.to(self._device())
+            dist.all_reduce(count, group=g.dp)
+        # A batch with nothing to learn from gives zero loss rather than a division by zero.
+        return max(float(count), 1.0)
+
+    def _device(self) -> torch.device:
+        return self._params[0][1].device
+
+    def _inputs(self, mb: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ids = mb[INPUT_IDS]
+        pad = mb.get(ATTENTION_MASK)
+        pad = torch.ones_like(ids) if pad is None else pad
+        pos = mb.get(POSITION_IDS)
+        pos = position_ids(pad) if pos is None else pos
+        return ids, pos, megatron_attention_mask(pad)
+
+    def _run_schedule(
+        self, mbs: list[Batch], scale: float, sums: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]
+    ) -> None:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+        from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+
+        g = self.shard.groups
+        module = self.shard.module
+        assert module is not None
+        first = g.is_first_stage
+        loss_fn = self.loss_fn
+
+        def loss_func(mb: Batch, output: torch.Tensor) -> tuple[torch.Tensor, dict]:
+            loss_sum, metrics = loss_fn(output, mb)
+            if loss_sum.dim() != 0:
+                raise ValueError(f"loss_fn must return a scalar loss sum, got shape {tuple(loss_sum.shape)}")
+            sums.append((loss_sum.detach(), {k: v.detach() for k, v in metrics.items()}))
+            return loss_sum * scale, {}
+
+        def forward_step(data: Iterator[Batch], model: torch.nn.Module) -> tuple[torch.Tensor, Callable]:
+            mb = next(data)
+            ids, pos, mask = self._inputs(mb)
+            out = model(ids if first else None, pos, mask)
+            return out, lambda output: loss_func(mb, output)
+
+        pp = g.layout.pp
+        seq = mbs[0][INPUT_IDS].shape[1]
+        p2p = P2PCommunicator(pp_group=g.pp, config=module.config) if pp > 1 else None
+        fb = get_forward_backward_func(pp_size=pp, vp_size=None)
+        # Shapes travel with the tensors (variable_seq_lengths), so microbatches may differ in size.
+        with cuda_to_cpu():
+            fb(
+                forward_step_func=forward_step,
+                data_iterator=iter(mbs),
+                model=module,
+                num_microbatches=len(mbs),
+                seq_length=seq,
+                micro_batch_size=mbs[0][INPUT_IDS].shape[0],
+                forward_only=False,
+                p2p_communicator=p2p,
+                pg_collection=g.pg_collection(),
+            )
+
+    @torch.no_grad()
+    def _finish_grads(self) -> None:
+        g = self.shard.groups
+        for _, p in self._params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        if g.layout.dp > 1:
+            self._dp_average([p.grad for _, p in self._params])
+        if self._tied_pp:
+            # The embedding (first stage) and the output copy (last stage) are one weight: each
+            # copy gets the gradient of both uses.
+            for ps, p in self._params:
+                if ps.key == WORD_EMBEDDINGS:
+                    dist.all_reduce(p.grad, group=g.embd)
+
+    def _dp_average(self, grads: list[torch.Tensor]) -> None:
+        g = self.shard.groups
+        bucket: list[torch.Tensor] = []
+        numel = 0
+        for i, t in enumerate(grads):
+            bucket.append(t)
+            numel += t.numel()
+            if numel >= self.config.bucket_numel or i == len(grads) - 1:
+                flat = torch.cat([b.reshape(-1) for b in bucket])
+                dist.all_reduce(flat, group=g.dp)
+                flat /= g.layout.dp
+                off = 0
+                for b in bucket:
+                    b.copy_(flat[off : off + b.numel()].view_as(b))
+                    off += b.numel()
+                bucket, numel = [], 0
+
+    def _reduce_metrics(
+        self, sums: list[tuple[torch.Tensor, dict[str, torch.Tensor]]], norm: float
+    ) -> dict[str, float]:
+        """Global loss and metrics (sums / normaliser), computed on the last stage, sent to all."""
+        g = self.shard.groups
+        out: dict[str, float] | None = None
+        if g.is_last_stage:
+            keys = sorted(sums[0][1]) if sums else []
+            vals = torch.stack(
+                [
+                    torch.stack([s.double() for s, _ in sums]).sum(),
+                    *[torch.stack([m[k].double() for _, m in sums]).sum() for k in keys],
+                ]
+            )
+            if g.layout.dp > 1:
+                dist.all_reduce(vals, group=g.dp)
+            vals = (vals / norm).tolist()
+            out = {"loss": vals[0], **dict(zip(keys, vals[1:]))}
+        if g.layout.pp > 1:
+            box = [out]
+            last = g.layout.rank_at(g.dp_rank, g.tp_rank, g.layout.pp - 1)
+            dist.broadcast_object_list(box, src=last, group=g.pp)
+            out = box[0]
+        assert out is not None
+        return out
+
+    # ---- checkpoints ------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's optimizer shard and step count (empty outside the layout)."""
+        if self.optimizer is None:
+            return {}
+        return {
+            "layout": str(self.shard.layout),
+            "coords": self.shard.groups.coords,
+            "params": [ps.local_name for ps, _ in self._params],
+            "steps": self.steps,
+            "optimizer": self.optimizer.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved on the same layout position."""
+        if self.optimizer is None:
+            return
+        want = (str(self.shard.layout), self.shard.groups.coords)
+        have = (state.get("layout"), tuple(state.get("coords") or ()))
+        if have != want:
+            raise ValueError(
+                f"optimizer state saved for layout {have[0]} at (dp, tp, pp)={have[1]} cannot load "
+                f"into layout {want[0]} at {want[1]}"
+            )
+        names = [ps.local_name for ps, _ in self._params]
+        if state["params"] != names:
+            raise ValueError("optimizer state was saved for a different parameter list")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.steps = int(state["steps"])
