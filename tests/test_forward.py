@@ -74,7 +74,7 @@ def _reference(fam: str, head: str):
 
 
 def _check(results: list[dict], layouts: list[str]) -> None:
-    ids, pad = _batch()
+    _, pad = _batch()
     real = pad.bool()
     for fam in FAMILIES:
         ref_logits, ref_lp = _reference(fam, "lm")
@@ -103,7 +103,6 @@ def test_four_processes_match_transformers():
 
 
 def test_packed_rows_equal_unpacked():
-    spec = tiny_spec("llama")
     reg_results = spawn(_packed_world, 2)
     packed, separate = reg_results[0]
     assert torch.allclose(packed, separate, atol=ATOL)

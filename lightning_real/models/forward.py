@@ -15,7 +15,7 @@ from lightning_real.models.vocab_parallel import gather_vocab, logprobs_of
 
 def attention_mask_4d(pad_mask: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
     """megatron's bool mask [b, 1, s, s] (True = masked): causal, padding, and packed segments."""
-    b, s = pad_mask.shape
+    s = pad_mask.shape[1]
     causal = torch.ones(s, s, dtype=torch.bool, device=pad_mask.device).tril()
     keep = causal[None] & pad_mask.bool()[:, None, :]
     if segment_ids is not None:
