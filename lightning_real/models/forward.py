@@ -10,7 +10,7 @@ import torch
 
 from lightning_real.models.pipeline import MicroBatch, broadcast_from_last_stage, run_forward
 from lightning_real.models.shard import ModelShard
-from lightning_real.models.vocab_parallel import gather_vocab, logprobs_of
+from lightning_real.models.vocab_parallel import gather_vocab, vocab_parallel_logprobs
 
 
 def attention_mask_4d(pad_mask: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -86,7 +86,7 @@ def forward_logits(
     g = shard.groups
 
     def fn(out: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
-        return gather_vocab(out, g.tp, shard.layout.tp)
+        return gather_vocab(out, g.tp)
 
     return _run(shard, input_ids, pad_mask, n_mbs, segment_ids, fn, shard.spec.vocab_size, torch.float32)
 
@@ -101,10 +101,9 @@ def forward_logprobs(
 ) -> torch.Tensor:
     """Log-probabilities [b, s-1] of each next token (position t scores token t+1), vocab-parallel."""
     g = shard.groups
-    tp = shard.layout.tp
 
     def fn(out: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
-        lp = logprobs_of(out[:, :-1] / temperature, mb.input_ids[:, 1:], g.tp, g.tp_rank, tp)
+        lp = vocab_parallel_logprobs(out[:, :-1] / temperature, mb.input_ids[:, 1:], g.tp)
         return torch.nn.functional.pad(lp, (0, 1))  # keep width s for the broadcast
 
     return _run(shard, input_ids, pad_mask, n_mbs, segment_ids, fn, None, torch.float32)[:, :-1]

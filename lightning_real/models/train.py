@@ -16,6 +16,10 @@ normalised the same way.
 ``output`` is what the last stage produces: vocabulary-parallel logits ``[b, s, V/tp]`` (lm head)
 or values ``[b, s, 1]`` (value head). Every tensor-parallel rank must compute the same loss:
 use :func:`vocab_parallel_logprobs` and :func:`vocab_parallel_entropy` on logits.
+
+Gradients are finished here rather than by megatron's ``finalize_model_grads``, which expects
+its ``DistributedDataParallel`` wrapper (contiguous ``main_grad`` buffers); the plain ``.grad``
+of each parameter is averaged and reduced directly over the layout's own groups.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_real.compat import cuda_to_cpu
+from lightning_real.models.forward import attention_mask_4d, position_ids
 from lightning_real.models.optim import (
     OptimConfig,
     build_adamw,
@@ -45,6 +50,7 @@ LossFn = Callable[[torch.Tensor, Batch], tuple[torch.Tensor, dict[str, torch.Ten
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 POSITION_IDS = "position_ids"
+SEGMENT_IDS = "segment_ids"
 
 
 @dataclass(frozen=True)
@@ -71,84 +77,7 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.bucket_numel={self.bucket_numel!r}; allowed: an integer >= 1")
 
 
-# ---- vocabulary-parallel loss pieces ---------------------------------------------------------
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over the tensor-parallel group; backward is the identity.
-
-    The result feeds a loss every tp rank computes identically, so each rank's gradient with
-    respect to its own contribution is the upstream gradient itself (megatron's
-    ``reduce_from_tensor_model_parallel_region``, with an explicit group).
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
-        x = x.clone()
-        dist.all_reduce(x, group=group)
-        return x
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad, None
-
-
-def _tp_size(group: Any) -> int:
-    return 1 if group is None else dist.get_world_size(group)
-
-
-def _tp_sum(x: torch.Tensor, group: Any) -> torch.Tensor:
-    return x if _tp_size(group) == 1 else _AllReduceSum.apply(x, group)
-
-
-def _shifted(logits: torch.Tensor, group: Any) -> torch.Tensor:
-    """Logits minus their (global, constant) row maximum, in fp32."""
-    logits = logits.float()
-    m = logits.detach().max(dim=-1, keepdim=True).values
-    if _tp_size(group) > 1:
-        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-    return logits - m
-
-
-def vocab_parallel_logprobs(logits: torch.Tensor, labels: torch.Tensor, tp_group: Any) -> torch.Tensor:
-    """``log softmax(logits)[labels]`` for logits split over the vocabulary, ``[b, s]`` fp32.
-
-    ``logits`` is this rank's ``[b, s, V/tp]`` slice (tp rank r holds columns r*V/tp ...);
-    ``labels`` holds global token ids. Every tp rank gets the same result and gradients flow to
-    each rank's own slice. ``tp_group`` None means the logits are complete.
-    """
-    z = _shifted(logits, tp_group)
-    part = z.shape[-1]
-    lo = 0 if tp_group is None else dist.get_rank(tp_group) * part
-    local = labels - lo
-    inside = (local >= 0) & (local < part)
-    picked = z.gather(-1, local.clamp(0, part - 1).unsqueeze(-1)).squeeze(-1) * inside
-    target = _tp_sum(picked, tp_group)
-    sumexp = _tp_sum(z.exp().sum(-1), tp_group)
-    return target - sumexp.log()
-
-
-def vocab_parallel_entropy(logits: torch.Tensor, tp_group: Any) -> torch.Tensor:
-    """Entropy of ``softmax(logits)`` per position for logits split over the vocabulary, ``[b, s]``."""
-    z = _shifted(logits, tp_group)
-    e = z.exp()
-    sumexp = _tp_sum(e.sum(-1), tp_group)
-    weighted = _tp_sum((e * z).sum(-1), tp_group)
-    # H = log S - sum_j p_j z_j with z shifted by a constant (which H does not depend on).
-    return sumexp.log() - weighted / sumexp
-
-
 # ---- batches ------------------------------------------------------------------------------
-def megatron_attention_mask(padding_mask: torch.Tensor) -> torch.Tensor:
-    """megatron's bool ``[b, 1, s, s]`` mask (True = masked out) from a ``[b, s]`` padding mask (1 = token)."""
-    b, s = padding_mask.shape
-    causal = torch.triu(torch.ones(s, s, dtype=torch.bool, device=padding_mask.device), diagonal=1)
-    return causal.view(1, 1, s, s) | ~padding_mask.bool().view(b, 1, 1, s)
-
-
-def position_ids(padding_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted over real tokens only (left padding starts at 0), as HF models count them."""
-    return (padding_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 def split_microbatches(batch: Batch, n_mbs: int) -> list[Batch]:
     """Cut every entry along dim 0 into ``n_mbs`` near-equal microbatches."""
     sizes = {k: v.shape[0] for k, v in batch.items()}
@@ -209,8 +138,9 @@ class TrainEngine:
         """Forward, backward and AdamW update on this replica's ``batch``; metrics equal on every rank.
 
         ``batch`` holds ``input_ids`` ``[b, s]``, optionally ``attention_mask`` (1 = token,
-        default all ones) and ``position_ids``, plus whatever ``loss_fn`` reads. Returns the
-        global ``loss``, ``grad_norm`` (before clipping), ``lr`` and the loss function's metrics.
+        default all ones), ``position_ids`` and ``segment_ids`` (packed sequences), plus whatever
+        ``loss_fn`` reads. Returns the global ``loss``, ``grad_norm`` (before clipping), ``lr``
+        and the loss function's metrics.
         """
         if not self.shard.member:
             return {}
@@ -265,9 +195,10 @@ class TrainEngine:
         ids = mb[INPUT_IDS]
         pad = mb.get(ATTENTION_MASK)
         pad = torch.ones_like(ids) if pad is None else pad
+        seg = mb.get(SEGMENT_IDS)
         pos = mb.get(POSITION_IDS)
-        pos = position_ids(pad) if pos is None else pos
-        return ids, pos, megatron_attention_mask(pad)
+        pos = position_ids(pad, seg) if pos is None else pos
+        return ids, pos, attention_mask_4d(pad, seg)
 
     def _run_schedule(
         self, mbs: list[Batch], scale: float, sums: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]

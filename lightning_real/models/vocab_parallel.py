@@ -1,8 +1,7 @@
 """Log-probabilities and entropy from logits split over tensor-parallel ranks, without gathering them.
 
 megatron-core's ``vocab_parallel_cross_entropy`` reads its process-wide tensor-parallel group;
-models here carry their own groups, so these versions take the group explicitly. Sums go through
-``torch.distributed.nn`` collectives, which are differentiable, so losses built on them train.
+models here carry their own groups, so these versions take the group explicitly.
 """
 
 from __future__ import annotations
@@ -11,45 +10,77 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn as dnn
+
+__all__ = ["gather_vocab", "vocab_parallel_entropy", "vocab_parallel_logprobs"]
 
 
-def _shifted(logits: torch.Tensor, group: Any, tp: int) -> torch.Tensor:
-    # The max only stabilises exp(); it carries no gradient.
-    m = logits.detach().amax(-1, keepdim=True)
-    if tp > 1:
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the tensor-parallel group; backward is the identity.
+
+    The result feeds a loss every tp rank computes identically, so each rank's gradient with
+    respect to its own contribution is the upstream gradient itself (megatron's
+    ``reduce_from_tensor_model_parallel_region``, with an explicit group).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+def _tp_size(group: Any) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def _tp_sum(x: torch.Tensor, group: Any) -> torch.Tensor:
+    return x if _tp_size(group) == 1 else _AllReduceSum.apply(x, group)
+
+
+def _shifted(logits: torch.Tensor, group: Any) -> torch.Tensor:
+    """Logits minus their (global, constant) row maximum, in fp32."""
+    logits = logits.float()
+    m = logits.detach().max(dim=-1, keepdim=True).values
+    if _tp_size(group) > 1:
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
     return logits - m
 
 
-def _sum(x: torch.Tensor, group: Any, tp: int) -> torch.Tensor:
-    return dnn.all_reduce(x, op=dist.ReduceOp.SUM, group=group) if tp > 1 else x
+def vocab_parallel_logprobs(logits: torch.Tensor, labels: torch.Tensor, tp_group: Any) -> torch.Tensor:
+    """``log softmax(logits)[labels]`` for logits split over the vocabulary, ``[b, s]`` fp32.
+
+    ``logits`` is this rank's ``[b, s, V/tp]`` slice (tp rank r holds columns r*V/tp ...);
+    ``labels`` holds global token ids. Every tp rank gets the same result and gradients flow to
+    each rank's own slice. ``tp_group`` None means the logits are complete.
+    """
+    z = _shifted(logits, tp_group)
+    part = z.shape[-1]
+    lo = 0 if tp_group is None else dist.get_rank(tp_group) * part
+    local = labels - lo
+    inside = (local >= 0) & (local < part)
+    picked = z.gather(-1, local.clamp(0, part - 1).unsqueeze(-1)).squeeze(-1) * inside
+    target = _tp_sum(picked, tp_group)
+    sumexp = _tp_sum(z.exp().sum(-1), tp_group)
+    return target - sumexp.log()
 
 
-def logprobs_of(
-    logits: torch.Tensor, labels: torch.Tensor, group: Any = None, tp_rank: int = 0, tp: int = 1
-) -> torch.Tensor:
-    """``log softmax(logits)[labels]`` over the full vocabulary; ``logits`` [..., V/tp] is this rank's slice."""
-    z = _shifted(logits.float(), group, tp)
-    lse = _sum(z.exp().sum(-1), group, tp).log()
-    v = z.shape[-1]
-    lo = tp_rank * v
-    inside = (labels >= lo) & (labels < lo + v)
-    idx = (labels - lo).clamp(0, v - 1)
-    target = z.gather(-1, idx.unsqueeze(-1)).squeeze(-1) * inside
-    return _sum(target, group, tp) - lse
-
-
-def entropy_of(logits: torch.Tensor, group: Any = None, tp: int = 1) -> torch.Tensor:
-    """Entropy of ``softmax(logits)`` over the full vocabulary, per position."""
-    z = _shifted(logits.float(), group, tp)
+def vocab_parallel_entropy(logits: torch.Tensor, tp_group: Any) -> torch.Tensor:
+    """Entropy of ``softmax(logits)`` per position for logits split over the vocabulary, ``[b, s]``."""
+    z = _shifted(logits, tp_group)
     e = z.exp()
-    s = _sum(e.sum(-1), group, tp)
-    return s.log() - _sum((e * z).sum(-1), group, tp) / s
+    sumexp = _tp_sum(e.sum(-1), tp_group)
+    weighted = _tp_sum((e * z).sum(-1), tp_group)
+    # H = log S - sum_j p_j z_j with z shifted by a constant (which H does not depend on).
+    return sumexp.log() - weighted / sumexp
 
 
-def gather_vocab(logits: torch.Tensor, group: Any = None, tp: int = 1) -> torch.Tensor:
+def gather_vocab(logits: torch.Tensor, group: Any = None) -> torch.Tensor:
     """Full-vocabulary logits from the tensor-parallel slices (tests and debugging only)."""
+    tp = 1 if group is None else dist.get_world_size(group)
     if tp == 1:
         return logits
     parts = [torch.empty_like(logits) for _ in range(tp)]
