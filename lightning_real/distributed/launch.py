@@ -74,13 +74,23 @@ def spawn(
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world_size else "gloo"
     with tempfile.TemporaryDirectory(prefix="lreal-spawn-") as out_dir:
-        mp.start_processes(
-            _worker,
-            args=(world_size, free_port(), backend, timeout_s, out_dir, threads, fn, args),
-            nprocs=world_size,
-            join=True,
-            start_method="spawn",
-        )
+        try:
+            mp.start_processes(
+                _worker,
+                args=(world_size, free_port(), backend, timeout_s, out_dir, threads, fn, args),
+                nprocs=world_size,
+                join=True,
+                start_method="spawn",
+            )
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
+            # Report the first rank's own error (the others usually fail on its absence).
+            for r in range(world_size):
+                f = Path(out_dir) / f"rank{r}.pkl"
+                if f.exists():
+                    status, value = pickle.loads(f.read_bytes())
+                    if status != "ok":
+                        raise RuntimeError(f"rank {r} failed: {value}") from e
+            raise
         results = []
         for r in range(world_size):
             status, value = pickle.loads((Path(out_dir) / f"rank{r}.pkl").read_bytes())
