@@ -1,0 +1,270 @@
+"""Plans: a layout (and optionally a microbatch count) for every call of a dataflow graph.
+
+A plan is written as a mapping from call name to layout string::
+
+    {"actor_gen": "d4t1p2", "actor_train": "d2t2p1@0-3", "critic_train": "d2t2p1@4-7", ...}
+
+or as a YAML file holding that mapping (at the top level, under ``plan:``, or as ``layouts:``
+with an optional ``microbatches:`` mapping, the form ``lightning-real plan`` writes). Named
+plans: ``symmetric`` (every call on all devices with one strategy, as DeepSpeed-Chat runs),
+``disjoint`` (actor and reference on the first half of the devices, critic and reward on the
+second half, as OpenRLHF runs) and ``search`` (the planner's MCMC search).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lightning_real.dataflow import DataflowGraph
+from lightning_real.layout import Layout, LayoutError
+from lightning_real.models.spec import ModelSpec
+
+PLAN_NAMES: tuple[str, ...] = ("symmetric", "disjoint", "search")
+"""Plans :func:`resolve_plan` builds by name."""
+
+
+class PlanError(ValueError):
+    """A plan that does not fit its graph or world: the message names the call and the problem."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where each call runs and, optionally, how many microbatches it takes."""
+
+    layouts: Mapping[str, Layout]
+    """Call name -> layout; ranks may be left out when a layout spans the whole world."""
+    microbatches: Mapping[str, int] = field(default_factory=dict)
+    """Call name -> microbatches per data-parallel replica; calls left out keep the graph's ``n_mbs``."""
+    name: str = field(default="plan", compare=False)
+    """Label for logs and reports ('symmetric', 'search', a file name, ...)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.layouts, Mapping) or not self.layouts:
+            raise PlanError(f"plan {self.name}: layouts must be a non-empty mapping of call name to layout")
+        lays: dict[str, Layout] = {}
+        for call, lay in self.layouts.items():
+            if not isinstance(lay, Layout | str):
+                raise PlanError(
+                    f"plan {self.name}: layout of {call} is {lay!r}; allowed: a Layout or a string like 'd2t2p1@0-3'"
+                )
+            try:
+                lays[str(call)] = Layout.parse(lay) if isinstance(lay, str) else lay
+            except LayoutError as e:
+                raise PlanError(f"plan {self.name}: layout of {call}: {e}") from None
+        mbs: dict[str, int] = {}
+        for call, m in dict(self.microbatches or {}).items():
+            if call not in lays:
+                raise PlanError(f"plan {self.name}: microbatches name {call!r}, which has no layout")
+            if not isinstance(m, int) or isinstance(m, bool) or m < 1:
+                raise PlanError(f"plan {self.name}: microbatches of {call} = {m!r}; allowed: an integer >= 1")
+            mbs[str(call)] = m
+        object.__setattr__(self, "layouts", lays)
+        object.__setattr__(self, "microbatches", mbs)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], name: str = "plan") -> Plan:
+        """Read ``{call: layout}``, or ``{"layouts": {...}, "microbatches": {...}}``."""
+        if not isinstance(data, Mapping):
+            raise PlanError(
+                f"plan {name}: expected a mapping of call name to layout, got {type(data).__name__}"
+            )
+        if "plan" in data and isinstance(data["plan"], Mapping):
+            data = data["plan"]
+        if "layouts" in data:
+            extra = sorted(set(data) - {"layouts", "microbatches", "name"})
+            if extra:
+                raise PlanError(f"plan {name}: unknown sections {extra}; allowed: layouts, microbatches")
+            return cls(
+                dict(data["layouts"]), dict(data.get("microbatches") or {}), str(data.get("name", name))
+            )
+        return cls(dict(data), {}, name)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Plan:
+        """Read a YAML plan file (any form :meth:`from_dict` reads)."""
+        import yaml
+
+        p = Path(path)
+        if not p.is_file():
+            raise PlanError(f"plan file {str(p)!r} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise PlanError(f"plan file {p}: not valid YAML: {e}") from None
+        return cls.from_dict(data or {}, name=p.stem)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The form :meth:`from_dict` reads back (layout strings)."""
+        out: dict[str, Any] = {"layouts": {k: str(v) for k, v in self.layouts.items()}}
+        if self.microbatches:
+            out["microbatches"] = dict(self.microbatches)
+        return out
+
+    def to_yaml(self, path: str | Path) -> None:
+        """Write :meth:`to_dict` as YAML."""
+        import yaml
+
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def n_mbs(self, graph: DataflowGraph, call: str) -> int:
+        """Microbatches of ``call``: the plan's count, else the graph's."""
+        return self.microbatches.get(call, graph.call(call).n_mbs)
+
+    def __str__(self) -> str:
+        return f"{self.name}: " + ", ".join(f"{k}={v}" for k, v in self.layouts.items())
+
+
+def symmetric(graph: DataflowGraph, world_size: int, tp: int = 1, pp: int = 1) -> Plan:
+    """Every call on every rank with the same ``dp x tp x pp`` (dp = world / (tp * pp)).
+
+    Nothing moves between calls: the colocated set-up of DeepSpeed-Chat.
+    """
+    if world_size < 1 or world_size % (tp * pp):
+        raise PlanError(f"symmetric plan: world size {world_size} is not divisible by tp*pp = {tp}*{pp}")
+    lay = Layout(world_size // (tp * pp), tp, pp, tuple(range(world_size)))
+    return Plan({c.name: lay for c in graph.calls}, {}, "symmetric")
+
+
+def disjoint(graph: DataflowGraph, world_size: int, tp: int = 1, pp: int = 1) -> Plan:
+    """Actor and reference calls on the first half of the ranks, critic and reward calls on the
+    second half, each half with ``dp = half / (tp * pp)``: the split OpenRLHF uses."""
+    if world_size < 2 or world_size % 2:
+        raise PlanError(f"disjoint plan: needs an even world size >= 2, got {world_size}")
+    half = world_size // 2
+    if half % (tp * pp):
+        raise PlanError(f"disjoint plan: half the world ({half} ranks) is not divisible by tp*pp = {tp}*{pp}")
+    dp = half // (tp * pp)
+    first = Layout(dp, tp, pp, tuple(range(half)))
+    second = Layout(dp, tp, pp, tuple(range(half, world_size)))
+    return Plan(
+        {c.name: second if c.role in ("critic", "reward") else first for c in graph.calls}, {}, "disjoint"
+    )
+
+
+def search_plan(
+    graph: DataflowGraph,
+    world_size: int,
+    specs: Mapping[str, ModelSpec],
+    gpus_per_node: int = 8,
+    search_steps: int = 2000,
+    seed: int = 0,
+) -> Plan:
+    """The planner's searched plan (``lightning_real.planner``), deterministic for a given seed."""
+    try:
+        from lightning_real.planner.auto import auto_plan
+        from lightning_real.planner.workload import workload_from_graph
+    except ImportError as e:
+        raise NotImplementedError(
+            f"plan='search' needs lightning_real.planner.auto.auto_plan, which cannot be imported ({e}); "
+            f"use one of: {', '.join(n for n in PLAN_NAMES if n != 'search')}, a mapping or a YAML file"
+        ) from None
+    prompt_len = max(c.prompt_len for c in graph.calls)
+    gen_len = max(c.gen_len for c in graph.calls)
+    workload = workload_from_graph(graph, dict(specs), prompt_len, gen_len)
+    found = auto_plan(workload, world_size, gpus_per_node=gpus_per_node, steps=search_steps, seed=seed)
+    return Plan(dict(found.layouts), dict(found.microbatches), "search")
+
+
+def resolve_plan(
+    plan: str | Path | Mapping[str, Any] | Plan,
+    graph: DataflowGraph,
+    world_size: int,
+    specs: Mapping[str, ModelSpec] | None = None,
+    gpus_per_node: int = 8,
+    search_steps: int = 2000,
+    seed: int = 0,
+) -> Plan:
+    """A checked plan for ``graph`` on ``world_size`` ranks, every layout with explicit ranks.
+
+    ``plan`` is a name (``symmetric``, ``disjoint``, ``search``), a YAML file, a mapping or a
+    :class:`Plan`. ``specs`` gives each role's model (checked against its layouts' tp and pp;
+    required for ``search``). Every call gets its microbatch count (the plan's or the graph's).
+    """
+    if isinstance(plan, Plan):
+        p = plan
+    elif isinstance(plan, Mapping):
+        p = Plan.from_dict(plan)
+    elif isinstance(plan, Path) or (
+        isinstance(plan, str) and plan.strip().lower().endswith((".yaml", ".yml"))
+    ):
+        p = Plan.from_yaml(plan)
+    elif isinstance(plan, str):
+        key = plan.strip().lower()
+        if key == "symmetric":
+            p = symmetric(graph, world_size)
+        elif key == "disjoint":
+            p = disjoint(graph, world_size)
+        elif key == "search":
+            if specs is None:
+                raise PlanError("plan='search' needs the model specs of the graph's roles")
+            p = search_plan(graph, world_size, specs, gpus_per_node, search_steps, seed)
+        elif Path(plan).is_file():
+            p = Plan.from_yaml(plan)
+        else:
+            raise PlanError(
+                f"unknown plan {plan!r}; allowed: {', '.join(repr(n) for n in PLAN_NAMES)}, "
+                "a YAML file path, or a mapping from call name to layout"
+            )
+    else:
+        raise PlanError(
+            f"plan={plan!r}; allowed: {', '.join(repr(n) for n in PLAN_NAMES)}, a YAML file path, "
+            "a mapping from call name to layout, or a Plan"
+        )
+    return check_plan(p, graph, world_size, specs)
+
+
+def check_plan(
+    plan: Plan, graph: DataflowGraph, world_size: int, specs: Mapping[str, ModelSpec] | None = None
+) -> Plan:
+    """``plan`` with resolved layouts and every call's microbatches, or a PlanError naming the call."""
+    missing = [n for n in graph.names if n not in plan.layouts]
+    if missing:
+        raise PlanError(
+            f"plan {plan.name}: no layout for calls {missing}; the graph's calls: {', '.join(graph.names)}"
+        )
+    unknown = [n for n in plan.layouts if n not in graph]
+    if unknown:
+        raise PlanError(
+            f"plan {plan.name}: names calls {unknown} that the graph does not have; calls: {', '.join(graph.names)}"
+        )
+    if specs is not None:
+        lacking = [r for r in graph.roles() if r not in specs]
+        if lacking:
+            raise PlanError(f"plan {plan.name}: no model spec for roles {lacking}; given: {', '.join(specs)}")
+    layouts: dict[str, Layout] = {}
+    mbs: dict[str, int] = {}
+    for c in graph.calls:
+        lay = plan.layouts[c.name]
+        try:
+            lay = lay.validate(world_size, specs[c.role] if specs is not None else None)
+        except LayoutError as e:
+            raise PlanError(f"plan {plan.name}: call {c.name}: {e}") from None
+        if c.input_rows % lay.dp or c.batch_size % lay.dp:
+            raise PlanError(
+                f"plan {plan.name}: call {c.name} ({lay}): its {c.input_rows} input rows and {c.batch_size} "
+                f"sequences must both be divisible by dp={lay.dp}"
+            )
+        per_replica = c.batch_size // lay.dp
+        if per_replica % c.group_size:
+            raise PlanError(
+                f"plan {plan.name}: call {c.name} ({lay}): {per_replica} sequences per replica split "
+                f"groups of {c.group_size}"
+            )
+        if per_replica % c.minibatches:
+            raise PlanError(
+                f"plan {plan.name}: call {c.name} ({lay}): {per_replica} sequences per replica do not split "
+                f"into {c.minibatches} minibatches"
+            )
+        m = plan.n_mbs(graph, c.name)
+        step_rows = per_replica // c.minibatches
+        if m > step_rows:
+            raise PlanError(
+                f"plan {plan.name}: call {c.name} ({lay}): {m} microbatches exceed the {step_rows} sequences "
+                "per replica and optimizer step"
+            )
+        layouts[c.name] = lay
+        mbs[c.name] = m
+    return Plan(layouts, mbs, plan.name)
