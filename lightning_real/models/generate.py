@@ -18,10 +18,12 @@ seed yields the same tokens under any tp/pp split.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from lightning_real.models.forward import attention_mask_4d, position_ids
 from lightning_real.models.shard import ModelShard
 
 
@@ -49,7 +51,9 @@ class GenerationConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"GenerationConfig.max_new_tokens={self.max_new_tokens!r}; must be an integer >= 1")
+            raise ValueError(
+                f"GenerationConfig.max_new_tokens={self.max_new_tokens!r}; must be an integer >= 1"
+            )
         if not self.temperature > 0:
             raise ValueError(f"GenerationConfig.temperature={self.temperature!r}; must be > 0")
         if not isinstance(self.top_k, int) or self.top_k < 0:
@@ -71,9 +75,9 @@ class GenerationConfig:
         return tuple(self.eos_token_id)
 
 
-@dataclass
+@dataclass(frozen=True)
 class GenerationOutput:
-    """Prompts and their responses, identical on every rank of the replica."""
+    """Prompts and their responses, identical on every rank of the replica, on the model's device."""
 
     tokens: torch.Tensor
     """[b, s + max_new_tokens] long: the left-padded prompt, then the response, then pad."""
@@ -95,7 +99,9 @@ class GenerationOutput:
 
 
 # ---- checks ---------------------------------------------------------------------------------------
-def _check_inputs(shard: ModelShard, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: GenerationConfig) -> None:
+def _check_inputs(
+    shard: ModelShard, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: GenerationConfig
+) -> None:
     if shard.module is None:
         raise RuntimeError(f"rank {shard.groups.rank} is not in layout {shard.layout}; it cannot generate")
     if shard.spec.head != "lm":
@@ -132,15 +138,27 @@ def _replica_seed(shard: ModelShard, seed: int | None, device: torch.device) -> 
     return (seed * 0x9E3779B97F4A7C15 + g.dp_rank) % (2**63)
 
 
-class _VocabParallelSampler:
-    """Picks next tokens from logits split over the tensor-parallel group; same answer on every tp rank."""
+class VocabParallelSampler:
+    """Next tokens from logits split over a tensor-parallel group; every tp rank gets the same answer.
 
-    def __init__(self, shard: ModelShard, cfg: GenerationConfig, seed: int, device: torch.device) -> None:
-        self.cfg = cfg
-        self.group = shard.groups.tp
-        self.tp = shard.layout.tp
-        self.tp_rank = shard.groups.tp_rank
-        self.vocab = shard.spec.vocab_size
+    Tensor-parallel rank ``r`` holds logit columns ``r*V/tp ... (r+1)*V/tp - 1``. Per call:
+    one all-gather of a few candidates per rank and one all-reduce for the log-probabilities
+    (top-p without top-k gathers the whole slice instead of candidates).
+    """
+
+    def __init__(
+        self,
+        config: GenerationConfig,
+        vocab_size: int,
+        seed: int,
+        device: torch.device,
+        tp_group: Any = None,
+    ) -> None:
+        self.cfg = config
+        self.vocab = vocab_size
+        self.group = tp_group
+        self.tp = 1 if tp_group is None else dist.get_world_size(tp_group)
+        self.tp_rank = 0 if tp_group is None else dist.get_rank(tp_group)
         self.gen = torch.Generator(device=device).manual_seed(seed)
 
     def _gather(self, x: torch.Tensor) -> torch.Tensor:
@@ -152,34 +170,63 @@ class _VocabParallelSampler:
         return torch.cat(parts, -1)
 
     def __call__(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``logits`` [b, V/tp] (this rank's slice) -> (tokens [b], log-probs [b])."""
+        """``logits`` [b, V/tp] (this rank's slice) -> (tokens [b], log-probs [b] at the temperature)."""
         cfg = self.cfg
         b, width = logits.shape
         if width * self.tp != self.vocab:
-            raise RuntimeError(f"logit slice of width {width} x tp={self.tp} does not cover vocab {self.vocab}")
+            raise RuntimeError(
+                f"logit slice of width {width} x tp={self.tp} does not cover vocab {self.vocab}"
+            )
         z = logits.float() / cfg.temperature
         lo = self.tp_rank * width
         noise = None
         if not cfg.greedy:
-            # Full-vocabulary noise, indexed by global token id, keeps the draw layout independent.
+            # Full-vocabulary noise indexed by global token id: the draw does not depend on tp.
             noise = torch.empty(b, self.vocab, device=z.device).exponential_(generator=self.gen).log_()
         if cfg.greedy or (cfg.top_k == 0 and cfg.top_p == 1.0):
+            # Gumbel-max: argmax(z - log E) is a draw from softmax(z); each rank offers its best.
             score = z if noise is None else z - noise[:, lo : lo + width]
             best, idx = score.max(-1, keepdim=True)
-            cand_score = self._gather(best)
-            cand_ids = self._gather(idx + lo)
-            tokens = cand_ids.gather(-1, cand_score.argmax(-1, keepdim=True)).squeeze(-1)
+            zmax = z.max(-1, keepdim=True).values
+            # float64 carries scores and ids exactly: one collective instead of three.
+            cand = self._gather(torch.cat([best, idx + lo, zmax], -1).double()).view(b, self.tp, 3)
+            pick = cand[:, :, 0].argmax(-1, keepdim=True)
+            tokens = cand[:, :, 1].gather(-1, pick).squeeze(-1).long()
+            top = cand[:, :, 2].amax(-1).float()
         else:
             assert noise is not None
-            tokens = self._filtered(z, lo, noise)
-        return tokens, self._logprob(z, tokens, lo)
+            tokens, top = self._filtered(z, lo, noise)
+        return tokens, self._logprob(z, tokens, lo, top)
 
-    def _logprob(self, z: torch.Tensor, tokens: torch.Tensor, lo: int) -> torch.Tensor:
-        """``log_softmax(z)[tokens]`` over the full vocabulary from this rank's slice ``z``."""
-        m = z.max(-1, keepdim=True).values
-        if self.tp > 1:
-            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=self.group)
-        z = z - m
+    def _filtered(self, z: torch.Tensor, lo: int, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k / top-p draw over candidates gathered from every tp rank; also the global max of ``z``."""
+        cfg = self.cfg
+        b, width = z.shape
+        if cfg.top_k > 0:
+            vals, ids = z.topk(min(cfg.top_k, width), -1)
+            ids = ids + lo
+        else:
+            vals = z
+            ids = torch.arange(lo, lo + width, device=z.device).expand_as(z)
+        n = vals.shape[-1]
+        cand = self._gather(torch.cat([vals, ids], -1).double()).view(b, self.tp, 2, n)
+        vals = cand[:, :, 0].reshape(b, -1).float()
+        ids = cand[:, :, 1].reshape(b, -1).long()
+        # The global top-k lies within the union of every rank's local top-k.
+        k = min(cfg.top_k, vals.shape[-1]) if cfg.top_k > 0 else vals.shape[-1]
+        vals, order = vals.topk(k, -1)
+        ids = ids.gather(-1, order)
+        top = vals[:, 0]
+        if cfg.top_p < 1.0:
+            probs = vals.softmax(-1)
+            before = probs.cumsum(-1) - probs
+            vals = vals.masked_fill(before >= cfg.top_p, float("-inf"))  # the most likely always stays
+        pick = (vals - noise.gather(-1, ids)).argmax(-1, keepdim=True)
+        return ids.gather(-1, pick).squeeze(-1), top
+
+    def _logprob(self, z: torch.Tensor, tokens: torch.Tensor, lo: int, top: torch.Tensor) -> torch.Tensor:
+        """``log_softmax(z)[tokens]`` over the full vocabulary; ``top`` is the global max of ``z``."""
+        z = z - top[:, None]
         local = tokens - lo
         inside = (local >= 0) & (local < z.shape[-1])
         picked = z.gather(-1, local.clamp(0, z.shape[-1] - 1)[:, None]).squeeze(-1) * inside
@@ -188,28 +235,6 @@ class _VocabParallelSampler:
         if self.tp > 1:
             dist.all_reduce(sums, group=self.group)
         return sums[0] - sums[1].log()
-
-    def _filtered(self, z: torch.Tensor, lo: int, noise: torch.Tensor) -> torch.Tensor:
-        """Top-k / top-p sampling over candidates gathered from every tp rank."""
-        cfg = self.cfg
-        width = z.shape[-1]
-        if cfg.top_k > 0:
-            vals, ids = z.topk(min(cfg.top_k, width), -1)
-            ids = ids + lo
-        else:
-            vals = z
-            ids = torch.arange(lo, lo + width, device=z.device).expand_as(z)
-        vals, ids = self._gather(vals), self._gather(ids)
-        # The global top-k lies within the union of every rank's local top-k.
-        k = min(cfg.top_k, vals.shape[-1]) if cfg.top_k > 0 else vals.shape[-1]
-        vals, order = vals.topk(k, -1)
-        ids = ids.gather(-1, order)
-        if cfg.top_p < 1.0:
-            probs = vals.softmax(-1)
-            before = probs.cumsum(-1) - probs
-            vals = vals.masked_fill(before >= cfg.top_p, float("-inf"))  # the first always stays
-        pick = (vals - noise.gather(-1, ids)).argmax(-1, keepdim=True)
-        return ids.gather(-1, pick).squeeze(-1)
 
 
 # ---- pipeline step --------------------------------------------------------------------------------
@@ -237,8 +262,7 @@ class _StageRunner:
             self.model.set_input_tensor(x)  # type: ignore[union-attr]
         out = self.model(ids, pos, mask, inference_context=self.ctx, runtime_gather_output=True)  # type: ignore[misc]
         self.ctx.sequence_len_offset += n
-        if n > 1:
-            self.ctx.enable_decode_mode()
+        self.ctx.enable_decode_mode()  # every call after the prefill feeds one token
         if self.next is not None:
             dist.send(out.contiguous(), self.next)
             return None
@@ -260,8 +284,6 @@ def generate(
     keeps its full width, padded).
     """
     _check_inputs(shard, prompt_ids, prompt_mask, config)
-    from lightning_real.models.forward import attention_mask_4d, position_ids
-
     g, lay = shard.groups, shard.layout
     model = shard.module
     assert model is not None
@@ -272,7 +294,10 @@ def generate(
     b, s = ids.shape
     new = config.max_new_tokens
     last = g.is_last_stage
-    sampler = _VocabParallelSampler(shard, config, _replica_seed(shard, config.seed, device), device) if last else None
+    # Collective when seed is None: every rank of the replica takes part, not only the samplers.
+    seed = 0 if config.greedy else _replica_seed(shard, config.seed, device)
+    tp_group = g.tp if lay.tp > 1 else None
+    sampler = VocabParallelSampler(config, shard.spec.vocab_size, seed, device, tp_group) if last else None
     last_rank = lay.rank_at(g.dp_rank, g.tp_rank, lay.pp - 1)
     eos = torch.tensor(config.eos_ids, dtype=torch.long, device=device)
 
@@ -281,7 +306,7 @@ def generate(
     alive = torch.ones(b, new, dtype=torch.long, device=device)  # response_mask
     done = torch.zeros(b, dtype=torch.bool, device=device)
     hit_eos = torch.zeros(b, dtype=torch.bool, device=device)
-    # Keys the decode queries may see: the prompt's real tokens and every generated one.
+    # Keys a decode query may attend to: the prompt's real tokens and every generated one.
     visible = torch.cat([pmask.bool(), torch.ones(b, new, dtype=torch.bool, device=device)], 1)
     lengths = pmask.sum(1)
 

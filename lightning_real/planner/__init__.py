@@ -1,0 +1,54 @@
+"""The automatic planner: cost and memory model, iteration simulator, MCMC search (docs/planner.md)."""
+
+from lightning_real.planner.auto import auto_plan, cluster_for_world
+from lightning_real.planner.baselines import BASELINES, baseline
+from lightning_real.planner.cost import CallCost, CostConfig, call_cost
+from lightning_real.planner.hardware import (
+    A100,
+    CPU_GLOO,
+    H100,
+    H200,
+    PROFILES,
+    Cluster,
+    HardwareProfile,
+    get_profile,
+)
+from lightning_real.planner.memory import MemoryBreakdown, call_memory, fits
+from lightning_real.planner.plan import Plan
+from lightning_real.planner.presets import llama2_spec
+from lightning_real.planner.search import SearchConfig, SearchResult, search
+from lightning_real.planner.simulate import Event, SimResult, simulate
+from lightning_real.planner.workload import CallSpec, Workload, ppo_workload, workload_from_graph
+
+__all__ = [
+    "A100",
+    "BASELINES",
+    "CPU_GLOO",
+    "H100",
+    "H200",
+    "PROFILES",
+    "CallCost",
+    "CallSpec",
+    "Cluster",
+    "CostConfig",
+    "Event",
+    "HardwareProfile",
+    "MemoryBreakdown",
+    "Plan",
+    "SearchConfig",
+    "SearchResult",
+    "SimResult",
+    "Workload",
+    "auto_plan",
+    "baseline",
+    "call_cost",
+    "call_memory",
+    "cluster_for_world",
+    "fits",
+    "get_profile",
+    "llama2_spec",
+    "ppo_workload",
+    "search",
+    "simulate",
+    "workload_from_graph",
+]

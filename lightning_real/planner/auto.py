@@ -1,0 +1,53 @@
+"""The planner as the runtime calls it: a searched plan for the world it runs in.
+
+It prices this package's own backend: megatron-core's local (unfused) attention and an AdamW
+replicated on every data-parallel rank (``TrainEngine``), not the distributed optimizer and
+flash attention the large-cluster settings assume.
+"""
+
+from __future__ import annotations
+
+from lightning_real.planner.cost import CostConfig
+from lightning_real.planner.hardware import CPU_GLOO, H100, Cluster, HardwareProfile
+from lightning_real.planner.plan import Plan
+from lightning_real.planner.search import SearchConfig, search
+from lightning_real.planner.workload import Workload
+
+RUNTIME_COST = CostConfig(distributed_optimizer=False, flash_attention=False)
+"""What the runtime's backend does: unfused attention, replicated AdamW."""
+
+
+def cluster_for_world(world_size: int, gpus_per_node: int = 8, hw: HardwareProfile | None = None) -> Cluster:
+    """The cluster a world of ``world_size`` processes forms (one node when it is smaller than one).
+
+    ``hw`` defaults to the H100 profile with CUDA and to the measured CPU profile without.
+    """
+    import torch
+
+    if hw is None:
+        hw = H100 if torch.cuda.is_available() else CPU_GLOO
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if world_size <= gpus_per_node:
+        return Cluster(1, world_size, hw)
+    if world_size % gpus_per_node:
+        raise ValueError(
+            f"world size {world_size} is not a whole number of nodes of gpus_per_node={gpus_per_node}"
+        )
+    return Cluster(world_size // gpus_per_node, gpus_per_node, hw)
+
+
+def auto_plan(
+    workload: Workload,
+    world_size: int,
+    gpus_per_node: int = 8,
+    hw: HardwareProfile | None = None,
+    steps: int = 2000,
+    seed: int = 0,
+) -> Plan:
+    """The searched plan (``dict[str, Layout]`` in ``.layouts``, microbatches in ``.microbatches``).
+
+    Deterministic for a given workload, world and seed, so every rank computes the same plan.
+    """
+    cluster = cluster_for_world(world_size, gpus_per_node, hw)
+    return search(workload, cluster, SearchConfig(steps=steps, seed=seed, cost=RUNTIME_COST)).plan

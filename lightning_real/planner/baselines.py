@@ -1,0 +1,193 @@
+"""Hand-made plans the search starts from and is compared with.
+
+* ``symmetric``: every call on every device with one shared (dp, tp, pp), the fastest such
+  layout that fits (the colocated setting of DeepSpeed-Chat-like systems; nothing is reallocated).
+* ``disjoint``: actor and reference calls on the first half of the devices, critic and reward
+  calls on the second half, each call with its fastest strategy there (the split
+  ``RealStrategy(plan="disjoint")`` uses).
+* ``heuristic``: ReaL's published hand plan: generation on all devices with pipelining,
+  reference inference on all devices, actor training and reward inference on the first half,
+  critic training and inference on the second half.
+
+Within its device mesh each call takes its fastest strategy; when the whole plan does not fit,
+calls step down to slower strategies that need less memory until it does (or none is left).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from lightning_real.planner.cost import DEFAULT_COST, CostConfig
+from lightning_real.planner.hardware import Cluster
+from lightning_real.planner.plan import Plan
+from lightning_real.planner.simulate import SimResult, simulate
+from lightning_real.planner.space import Mesh, Option, options, strategies
+from lightning_real.planner.workload import CallSpec, Workload
+
+BASELINES: tuple[str, ...] = ("symmetric", "disjoint", "heuristic")
+
+
+def halves(cluster: Cluster) -> tuple[Mesh, Mesh] | None:
+    """Two valid meshes splitting the cluster in two (None for a single device)."""
+    g, n = cluster.gpus_per_node, cluster.n_devices
+    if cluster.nodes >= 2:
+        k = cluster.nodes // 2
+        return Mesh(0, k * g), Mesh(k * g, n - k * g)
+    if g >= 2 and g % 2 == 0 and (g // 2) & (g // 2 - 1) == 0:
+        return Mesh(0, g // 2), Mesh(g // 2, g // 2)
+    return None
+
+
+def _plan(choice: dict[str, tuple[Mesh, Option]], name: str) -> Plan:
+    return Plan(
+        {c: o.layout(mesh) for c, (mesh, o) in choice.items()},
+        {c: o.m for c, (mesh, o) in choice.items()},
+        name,
+    )
+
+
+def _violation(res: SimResult, usable: float) -> float:
+    return sum(max(0.0, v - usable) for v in res.peak_mem.values())
+
+
+def fit_plan(
+    workload: Workload,
+    cluster: Cluster,
+    candidates: dict[str, tuple[Mesh, tuple[Option, ...]]],
+    name: str,
+    cfg: CostConfig = DEFAULT_COST,
+    max_rounds: int = 32,
+) -> tuple[Plan | None, SimResult | str]:
+    """Fastest option per call; while the plan does not fit, change the one call's option that
+    most reduces the memory overflow (then the iteration time)."""
+    for c, (mesh, opts) in candidates.items():
+        if not opts:
+            return None, f"{c} fits on no strategy of its {mesh.size} devices"
+    usable = cluster.hw.usable_mem
+    idx = {c: 0 for c in candidates}
+
+    def run(ix: dict[str, int]) -> tuple[Plan, SimResult]:
+        plan = _plan({c: (mesh, opts[ix[c]]) for c, (mesh, opts) in candidates.items()}, name)
+        return plan, simulate(workload, plan, cluster, cfg)
+
+    plan, res = run(idx)
+    for _ in range(max_rounds):
+        if res.feasible:
+            return plan, res
+        best: tuple[float, float, str, int] | None = None
+        for c, (_, opts) in candidates.items():
+            for j in range(len(opts)):
+                if j == idx[c]:
+                    continue
+                _, r = run({**idx, c: j})
+                key = (_violation(r, usable), sum(cc.time for cc in r.costs.values()), c, j)
+                if best is None or key < best:
+                    best = key
+        if best is None or best[0] >= _violation(res, usable):
+            break
+        idx[best[2]] = best[3]
+        plan, res = run(idx)
+    if res.feasible:
+        return plan, res
+    return None, res.reason or "does not fit"
+
+
+def _on(
+    call: CallSpec, mesh: Mesh, cluster: Cluster, cfg: CostConfig, pipelined: bool = False
+) -> tuple[Mesh, tuple[Option, ...]]:
+    opts = options(call, mesh.size, cluster, cfg)
+    if pipelined and any(o.pp > 1 for o in opts):
+        opts = tuple(o for o in opts if o.pp > 1)
+    return mesh, opts
+
+
+def symmetric(
+    workload: Workload, cluster: Cluster, cfg: CostConfig = DEFAULT_COST
+) -> tuple[Plan | None, SimResult | str]:
+    """Every call on all devices, one (dp, tp, pp) for all; the fastest that fits."""
+    everything = Mesh(0, cluster.n_devices)
+    common: set[tuple[int, int, int]] | None = None
+    for c in workload.calls:
+        s = set(strategies(c, everything.size, cluster.gpus_per_node))
+        common = s if common is None else common & s
+    best: tuple[Plan | None, SimResult | str] | None = None
+    tried: list[str] = []
+    for dp, tp, pp in sorted(common or ()):
+        cand = {}
+        for c in workload.calls:
+            opts = tuple(
+                o for o in options(c, everything.size, cluster, cfg) if (o.dp, o.tp, o.pp) == (dp, tp, pp)
+            )
+            cand[c.name] = (everything, opts)
+        plan, res = fit_plan(workload, cluster, cand, "symmetric", cfg)
+        if plan is not None and isinstance(res, SimResult):
+            if best is None or (isinstance(best[1], SimResult) and res.time < best[1].time):
+                best = (plan, res)
+        else:
+            tried.append(f"d{dp}t{tp}p{pp}: {res}")
+    if best is not None:
+        return best
+    if not tried:
+        return None, "no (dp, tp, pp) over all devices suits every call"
+    # The most model-parallel layout is the leanest: its reason says most about the shortfall.
+    return None, f"none of {len(tried)} symmetric layouts fits; {tried[-1] if tried else ''}"
+
+
+def lean(
+    workload: Workload, cluster: Cluster, cfg: CostConfig = DEFAULT_COST
+) -> tuple[Plan | None, SimResult | str]:
+    """Every call on all devices with its least-memory options first: a start when no baseline fits."""
+    everything = Mesh(0, cluster.n_devices)
+    cand = {}
+    for c in workload.calls:
+        opts = options(c, everything.size, cluster, cfg)
+        cand[c.name] = (everything, tuple(sorted(opts, key=lambda o: (o.cost.memory.total, o.cost.time))))
+    return fit_plan(workload, cluster, cand, "lean", cfg)
+
+
+def disjoint(
+    workload: Workload, cluster: Cluster, cfg: CostConfig = DEFAULT_COST
+) -> tuple[Plan | None, SimResult | str]:
+    """Actor and reference on the first half, critic and reward on the second."""
+    h = halves(cluster)
+    if h is None:
+        return None, "the cluster cannot be split in two"
+    cand = {
+        c.name: _on(c, h[1] if c.role in ("critic", "reward") else h[0], cluster, cfg) for c in workload.calls
+    }
+    return fit_plan(workload, cluster, cand, "disjoint", cfg)
+
+
+def heuristic(
+    workload: Workload, cluster: Cluster, cfg: CostConfig = DEFAULT_COST
+) -> tuple[Plan | None, SimResult | str]:
+    """ReaL's hand plan: generation and reference on all devices, the two trainings side by side."""
+    everything = Mesh(0, cluster.n_devices)
+    h = halves(cluster) or (everything, everything)
+    cand = {}
+    for c in workload.calls:
+        if c.call_type == "generate":
+            cand[c.name] = _on(c, everything, cluster, cfg, pipelined=True)
+        elif c.role == "ref":
+            cand[c.name] = _on(c, everything, cluster, cfg)
+        elif c.role == "critic":
+            cand[c.name] = _on(c, h[1], cluster, cfg)
+        else:
+            cand[c.name] = _on(c, h[0], cluster, cfg)
+    return fit_plan(workload, cluster, cand, "heuristic", cfg)
+
+
+BASELINE_FNS: dict[str, Callable[..., tuple[Plan | None, SimResult | str]]] = {
+    "symmetric": symmetric,
+    "disjoint": disjoint,
+    "heuristic": heuristic,
+}
+
+
+def baseline(
+    name: str, workload: Workload, cluster: Cluster, cfg: CostConfig = DEFAULT_COST
+) -> tuple[Plan | None, SimResult | str]:
+    """The named baseline plan and its simulation, or None and why it does not fit."""
+    if name not in BASELINE_FNS:
+        raise ValueError(f"unknown baseline {name!r}; allowed: {', '.join(BASELINES)}")
+    return BASELINE_FNS[name](workload, cluster, cfg)

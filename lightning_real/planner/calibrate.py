@@ -1,0 +1,236 @@
+"""Measure a hardware profile on this machine: a short profiling run on a local process cluster.
+
+``world_size`` processes (gloo on CPU, NCCL on GPUs) measure, each with one intra-op thread:
+
+* matmul FLOP/s of a transformer-layer-sized product (``[2048, 256] @ [256, 1024]``), by one
+  process alone and by all at once (their sum is the node's shared throughput on a CPU);
+* memory bandwidth of a 32 MB tensor copy, alone and all at once;
+* elementwise throughput of a transformer layer's mix (RMSNorm, SwiGLU gate, residual add,
+  softmax over ``[4096, 1024]``), counting each operation's nominal reads and writes;
+* all-reduce latency (4 KB) and bus bandwidth (16 MB) over all processes;
+* from the megatron-core backend itself: the fixed cost per transformer layer (forward of 1 and
+  of 5 tiny layers on one token, divided by the 4 extra layers) and backward over forward time
+  (a 3-layer, 192-wide model on 8 x 256 tokens).
+
+The result is a :class:`~lightning_real.planner.hardware.HardwareProfile` like the GPU ones, with
+``gpus_per_node`` devices meant to be the processes of one node.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import platform
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from lightning_real.compat import device
+from lightning_real.planner.hardware import HardwareProfile
+
+MM_SHAPE = (2048, 256, 1024)
+ELEMENTWISE_SHAPE = (4096, 1024)
+COPY_BYTES = 32 * 2**20
+SMALL_BYTES = 4 * 2**10
+BIG_BYTES = 16 * 2**20
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _timed(fn: Any, reps: int, block_s: float = 0.1) -> float:
+    """Seconds per ``fn()`` in the fastest of ``reps`` blocks of at least ``block_s`` each.
+
+    The best block is the machine's speed: other work on a shared machine only slows runs down.
+    Blocks, rather than single runs, keep the number sustained (calls last far longer than one
+    matmul) and take in a warm-up. ``block_s=0`` times single runs after one warm-up run, with
+    the same number of runs on every rank (for collectives).
+    """
+    fn()
+    _sync()
+    best = float("inf")
+    for _ in range(reps):
+        n, t0 = 0, time.perf_counter()
+        while True:
+            fn()
+            n += 1
+            _sync()
+            elapsed = time.perf_counter() - t0
+            if elapsed >= block_s:
+                break
+        best = min(best, elapsed / n)
+    return best
+
+
+def _matmul_work(dev: torch.device) -> tuple[Any, float]:
+    m, k, n = MM_SHAPE
+    a = torch.randn(m, k, device=dev)
+    b = torch.randn(k, n, device=dev)
+    return (lambda: a @ b), 2.0 * m * k * n
+
+
+def _copy_work(dev: torch.device) -> tuple[Any, float]:
+    x = torch.randn(COPY_BYTES // 4, device=dev)
+    y = torch.empty_like(x)
+    return (lambda: y.copy_(x)), 2.0 * COPY_BYTES  # read + write
+
+
+def _elementwise_work(dev: torch.device) -> tuple[Any, float]:
+    """A transformer layer's elementwise mix: RMSNorm, SwiGLU gate, residual add, softmax."""
+    import torch.nn.functional as F
+
+    n, k = ELEMENTWISE_SHAPE
+    x, a, b = (torch.randn(n, k, device=dev) for _ in range(3))
+    w = torch.randn(k, device=dev)
+
+    def run() -> None:
+        y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w  # read x, write y
+        z = F.silu(a) * b  # read a, b, write z
+        torch.softmax(y + z, dim=-1)  # read y, z, write; read, write
+
+    return run, 10.0 * n * k * 4  # nominal reads and writes of the five tensors above, fp32
+
+
+def _alone_and_together(rank: int, world: int, work: Any, reps: int) -> tuple[float, float]:
+    """Rate of ``work`` on rank 0 alone (others wait), then of all ranks working at once.
+
+    The shared rate is the total work over the wall time from a common start to the last rank's
+    end: timing each rank's repetitions separately would count time slices in which the others
+    happened not to run.
+    """
+    fn, amount = work
+    alone = torch.zeros(1, dtype=torch.float64)
+    if rank == 0:
+        alone[0] = amount / _timed(fn, reps)
+    dist.all_reduce(alone)
+    fn()
+    walls = []
+    for _ in range(3):
+        dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        _sync()
+        dist.barrier()
+        walls.append(time.perf_counter() - t0)
+    return float(alone[0]), world * reps * amount / min(walls)
+
+
+def _allreduce_time(nbytes: int, dev: torch.device, reps: int) -> float:
+    x = torch.ones(nbytes // 4, device=dev)
+
+    def run() -> None:
+        dist.all_reduce(x)
+
+    dist.barrier()
+    # a fixed number of runs: every rank must join the same collectives
+    t = torch.tensor([_timed(run, reps, block_s=0.0)], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t[0])
+
+
+def _backend(rank: int, world: int, reps: int) -> tuple[float, float]:
+    """(seconds per extra tiny layer, backward over forward time) of the megatron-core backend,
+    measured on rank 0: forward of 1 and 5 tiny layers on one token; forward, and forward with
+    backward, of a small model on 8 x 256 tokens."""
+    from lightning_real.distributed.groups import GroupRegistry
+    from lightning_real.layout import Layout
+    from lightning_real.models.build import build_gpt
+    from lightning_real.models.spec import tiny_spec
+
+    reg = GroupRegistry()
+    groups = reg.for_layout(Layout(1, 1, 1, (0,)))
+    out = torch.zeros(2, dtype=torch.float64)
+    if rank == 0:
+        dev = device()
+
+        def inputs(b: int, s: int) -> tuple[torch.Tensor, ...]:
+            mask = torch.triu(torch.ones(s, s, dtype=torch.bool, device=dev), 1).view(1, 1, s, s)
+            pos = torch.arange(s, device=dev).expand(b, s)
+            return torch.zeros(b, s, dtype=torch.long, device=dev), pos, mask
+
+        times = []
+        one = inputs(1, 1)
+        for layers in (1, 5):
+            spec = tiny_spec("llama", num_layers=layers, hidden_size=64, ffn_hidden_size=128, vocab_size=64)
+            model = build_gpt(spec, groups, seed=0).eval()
+            with torch.no_grad():
+                times.append(_timed(lambda m=model: m(*one), reps))
+        out[0] = max(0.0, (times[1] - times[0]) / 4)
+        spec = tiny_spec("llama", num_layers=3, hidden_size=192, ffn_hidden_size=512, vocab_size=2048)
+        model = build_gpt(spec, groups, seed=0)
+        args = inputs(8, 256)
+        t_f = _timed(lambda: model(*args).float().square().mean(), reps)
+        t_fb = _timed(lambda: model(*args).float().square().mean().backward(), reps)
+        out[1] = max(1.0, (t_fb - t_f) / t_f)
+    dist.all_reduce(out)
+    return float(out[0]), float(out[1])
+
+
+def _probe(rank: int, world: int, reps: int) -> dict[str, float]:
+    dev = device()
+    flops, node_flops = _alone_and_together(rank, world, _matmul_work(dev), reps)
+    bw, node_bw = _alone_and_together(rank, world, _copy_work(dev), reps)
+    ew, _ = _alone_and_together(rank, world, _elementwise_work(dev), reps)
+    steps = math.ceil(math.log2(world)) if world > 1 else 1
+    t_small = _allreduce_time(SMALL_BYTES, dev, reps)
+    t_big = _allreduce_time(BIG_BYTES, dev, max(3, reps // 2))
+    latency = t_small / steps
+    factor = 2 * (world - 1) / world if world > 1 else 1.0
+    link_bw = factor * BIG_BYTES / max(1e-9, t_big - steps * latency)
+    overhead, bwd = _backend(rank, world, reps)
+    return dict(
+        flops=flops,
+        node_flops=node_flops,
+        mem_bw=bw,
+        node_mem_bw=node_bw,
+        latency=latency,
+        link_bw=link_bw,
+        layer_overhead=overhead,
+        backward_factor=bwd,
+        elementwise_bw=ew,
+        t_small=t_small,
+        t_big=t_big,
+    )
+
+
+def calibrate(
+    world_size: int = 4, reps: int = 10, name: str = ""
+) -> tuple[HardwareProfile, dict[str, float]]:
+    """Measure this machine with ``world_size`` processes; returns the profile and the raw numbers."""
+    from lightning_real.distributed.launch import spawn
+
+    raw = spawn(_probe, world_size, reps)[0]
+    gpu = torch.cuda.is_available()
+    if gpu:
+        mem = float(torch.cuda.get_device_properties(0).total_memory)
+    else:
+        mem = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) / world_size
+    stamp = datetime.date.today().isoformat()
+    hw = HardwareProfile(
+        name=name or ("cuda-local" if gpu else "cpu-gloo"),
+        peak_flops=raw["flops"],
+        flops_efficiency=1.0,
+        mem_bytes=mem,
+        peak_mem_bw=raw["mem_bw"],
+        mem_bw_efficiency=1.0,
+        intra_bw=raw["link_bw"],
+        intra_latency=raw["latency"],
+        inter_bw=raw["link_bw"],
+        inter_latency=raw["latency"],
+        dtype_bytes=2 if gpu else 4,
+        layer_overhead=raw["layer_overhead"],
+        backward_factor=raw["backward_factor"],
+        # GPU elementwise kernels are bandwidth-bound: the copy bandwidth prices them.
+        elementwise_bw=None if gpu else raw["elementwise_bw"],
+        # GPUs have their own compute each; CPU processes share the node's cores.
+        node_flops=None if gpu else raw["node_flops"],
+        node_mem_bw=None if gpu else raw["node_mem_bw"],
+        source=f"calibrated {stamp} on {platform.node() or 'this machine'}, {world_size} processes, {os.cpu_count()} cores",
+    )
+    return hw, raw

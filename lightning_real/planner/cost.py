@@ -1,0 +1,288 @@
+"""Time of one model function call under one layout: an analytic model (formulas in docs/planner.md).
+
+Each transformer layer of a pipeline stage is priced as a roofline for its matmuls: the larger
+of their FLOPs over the device's matmul rate and the bytes they stream (weights, KV cache) over
+its memory bandwidth; plus the elementwise passes (norms, activations, residuals), which are
+memory-bound and run on their own; plus a fixed per-layer overhead. Decode steps touch every
+weight for one token per sequence, so they come out bandwidth-bound, as they are on GPUs.
+Communication is added on top (no overlap assumed): two all-reduces of the hidden states per
+layer per pass under tensor parallelism, point-to-point sends between pipeline stages, the
+data-parallel gradient reduction once per optimizer step. Pipelines follow 1F1B: a pass of
+``m`` microbatches over stages of times ``t_s`` takes ``sum(t_s) + (m - 1) * max(t_s)``.
+
+A layout's cost depends only on its degrees, microbatches and how its groups fall on nodes, not
+on where its device mesh starts, so costs are computed once per (call, dp, tp, pp, m).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+
+from lightning_real.layout import Layout
+from lightning_real.models.build import stage_layers
+from lightning_real.planner.flops import attention_positions, head_width, layer_matmul_weights
+from lightning_real.planner.hardware import Cluster, HardwareProfile
+from lightning_real.planner.memory import (
+    GRAD_BYTES,
+    LOGIT_BYTES,
+    MemoryBreakdown,
+    act_elems_per_token_layer,
+    call_memory,
+    stage_params,
+)
+from lightning_real.planner.workload import CallSpec
+
+
+@dataclass(frozen=True)
+class CostConfig:
+    """Framework choices the cost and memory model take as given."""
+
+    distributed_optimizer: bool = True
+    """Adam states are split over the data-parallel group (ZeRO-1): gradients are reduce-scattered
+    and updated parameters all-gathered instead of all-reduced."""
+    flash_attention: bool = True
+    """Attention never materializes its score matrix (flash-style kernels, as on GPUs). False
+    prices the score passes and memory of unfused attention (megatron-core's local attention,
+    which the CPU backend runs)."""
+
+
+DEFAULT_COST = CostConfig()
+SCORE_PASSES = 4
+"""Nominal passes over the attention scores of unfused attention (write, mask, softmax, read)."""
+LOGIT_PASSES = 6
+"""Nominal passes over the logits of a log-softmax or sampling softmax."""
+
+
+@dataclass(frozen=True)
+class Link:
+    """A bandwidth and a per-step latency."""
+
+    bw: float
+    """Bytes per second per direction."""
+    latency: float
+    """Seconds per collective step or send."""
+
+    def allreduce(self, nbytes: float, n: int) -> float:
+        """Ring bandwidth term, tree-like latency term (what NCCL and gloo approach)."""
+        if n <= 1:
+            return 0.0
+        return 2 * (n - 1) / n * nbytes / self.bw + math.ceil(math.log2(n)) * self.latency
+
+    def allgather(self, nbytes: float, n: int) -> float:
+        """Gather ``nbytes`` in total (each member holds ``nbytes / n``); reduce-scatter costs the same."""
+        if n <= 1:
+            return 0.0
+        return (n - 1) / n * nbytes / self.bw + math.ceil(math.log2(n)) * self.latency
+
+    def send(self, nbytes: float) -> float:
+        """One point-to-point message."""
+        return nbytes / self.bw + self.latency
+
+
+@dataclass(frozen=True)
+class CallCost:
+    """Predicted time of one call under one layout, and its memory on the fullest device."""
+
+    time: float
+    """Seconds from start to end of the call."""
+    memory: MemoryBreakdown
+    """Peak bytes on the fullest device."""
+    parts: dict[str, float] = field(default_factory=dict, compare=False, hash=False)
+    """Where the time goes ('compute', 'tp_comm', 'pp_bubble', 'dp_comm', 'optimizer'), seconds."""
+
+
+def _crosses(cluster: Cluster, groups: list[tuple[int, ...]]) -> bool:
+    return any(cluster.node_of(min(g)) != cluster.node_of(max(g)) for g in groups)
+
+
+@lru_cache(maxsize=65536)
+def group_links(cluster: Cluster, dp: int, tp: int, pp: int) -> tuple[Link, Link, Link]:
+    """Links of the tp, dp and pp groups of ``d{dp}t{tp}p{pp}`` on a contiguous, node-aligned mesh."""
+    n = dp * tp * pp
+    lay = Layout(dp, tp, pp, tuple(range(n)))
+    hw = cluster.hw
+    intra, inter = Link(hw.intra_bw, hw.intra_latency), Link(hw.inter_bw, hw.inter_latency)
+    return (
+        inter if _crosses(cluster, lay.tp_groups()) else intra,
+        inter if _crosses(cluster, lay.dp_groups()) else intra,
+        inter if pp > 1 and _crosses(cluster, lay.pp_groups()) else intra,
+    )
+
+
+@dataclass(frozen=True)
+class _Rates:
+    """What one device of the call achieves, and its groups' links."""
+
+    flops: float
+    mem_bw: float
+    ew_bw: float
+    hw: HardwareProfile
+    tp: Link
+    dp: Link
+    pp: Link
+
+
+def _stage_pass(
+    call: CallSpec,
+    r: _Rates,
+    tp: int,
+    layers: int,
+    last: bool,
+    mb: int,
+    seq: int,
+    ctx: np.ndarray | int,
+    head_tokens: int,
+    flash: bool = True,
+) -> tuple[np.ndarray | float, float]:
+    """(compute seconds, tensor-parallel communication seconds) of one forward of one microbatch
+    through one stage. ``ctx`` may be an array of cached lengths (decode steps)."""
+    spec, hw = call.spec, r.hw
+    dt = hw.dtype_bytes
+    h = spec.hidden_size
+    w = layer_matmul_weights(spec) / tp
+    kv = 2 * spec.num_kv_heads * spec.head_dim / tp
+    keys = attention_positions(seq, ctx)  # type: ignore[arg-type]
+    flops = mb * (2 * w * seq + 4 * h / tp * keys)
+    # Matmuls stream the weights and the KV cache: the slower of compute and that traffic.
+    streamed = dt * (w + mb * kv * (np.asarray(ctx) + seq))
+    # Norms, activations, rotary and residual adds run as separate elementwise passes.
+    elementwise = dt * 2 * mb * seq * act_elems_per_token_layer(spec, tp)
+    if not flash:
+        # Unfused attention writes the fp32 scores, masks them, softmaxes them and reads them back.
+        elementwise = elementwise + SCORE_PASSES * LOGIT_BYTES * mb * spec.num_heads / tp * keys
+    layer_t = np.maximum(flops / r.flops, streamed / r.mem_bw) + elementwise / r.ew_bw + hw.layer_overhead
+    comp = layers * layer_t
+    comm = layers * 2 * r.tp.allreduce(mb * seq * h * dt, tp)
+    if last and head_tokens:
+        width = head_width(spec) / (tp if spec.head == "lm" else 1)
+        hflops = 2 * mb * head_tokens * h * width
+        # log-softmax (or the sampling softmax) over the fp32 logits: max, subtract, exp, sum, log, gather
+        logits = LOGIT_PASSES * LOGIT_BYTES * mb * head_tokens * width
+        comp = comp + max(hflops / r.flops, dt * h * width / r.mem_bw) + logits / r.ew_bw
+        if spec.head == "lm" and tp > 1:
+            # vocab-parallel softmax / sampling: small all-reduces of per-token maxima and sums
+            comm += 2 * r.tp.allreduce(mb * head_tokens * LOGIT_BYTES, tp)
+    return comp, comm
+
+
+def _pipeline(stage_times: list[float], m: int) -> float:
+    """1F1B (or forward-only) pass of ``m`` microbatches over stages with these per-microbatch times."""
+    return sum(stage_times) + (m - 1) * max(stage_times)
+
+
+def call_cost(
+    call: CallSpec, dp: int, tp: int, pp: int, m: int, cluster: Cluster, cfg: CostConfig = DEFAULT_COST
+) -> CallCost:
+    """Time and memory of ``call`` as ``d{dp}t{tp}p{pp}`` with ``m`` microbatches per replica."""
+    return _call_cost(call, dp, tp, pp, m, cluster, cfg)
+
+
+@lru_cache(maxsize=262144)
+def _call_cost(
+    call: CallSpec, dp: int, tp: int, pp: int, m: int, cluster: Cluster, cfg: CostConfig
+) -> CallCost:
+    hw = cluster.hw
+    n = dp * tp * pp
+    active = min(n, cluster.gpus_per_node)
+    time, parts, busy = _timing(call, dp, tp, pp, m, cluster, cfg, active)
+    if pp > 1 and (hw.node_flops is not None or hw.node_mem_bw is not None):
+        # Devices sharing a node's compute (CPU processes) run faster while pipeline bubbles
+        # idle the others: price again with the average number of busy devices.
+        time, parts, _ = _timing(call, dp, tp, pp, m, cluster, cfg, max(1.0, active * busy))
+    mem = call_memory(call, dp, tp, pp, m, hw.dtype_bytes, cfg.distributed_optimizer, cfg.flash_attention)
+    return CallCost(float(time), mem, parts)
+
+
+def _timing(
+    call: CallSpec, dp: int, tp: int, pp: int, m: int, cluster: Cluster, cfg: CostConfig, active: float
+) -> tuple[float, dict[str, float], float]:
+    """(seconds, their breakdown, average fraction of the devices busy) with ``active`` devices
+    of a node competing for shared compute."""
+    hw = cluster.hw
+    tpl, dpl, ppl = group_links(cluster, dp, tp, pp)
+    r = _Rates(
+        hw.flops_when(active), hw.mem_bw_when(active), hw.elementwise_bw_when(active), hw, tpl, dpl, ppl
+    )
+    spec = call.spec
+    counts = stage_layers(spec.num_layers, pp)
+    rep_batch = -(-call.batch_size // dp)
+    h, dt = spec.hidden_size, hw.dtype_bytes
+    parts: dict[str, float] = {}
+
+    if call.call_type == "generate":
+        mb = -(-rep_batch // m)
+        p2p_pre = ppl.send(mb * call.prompt_len * h * dt) if pp > 1 else 0.0
+        p2p_dec = ppl.send(mb * h * dt) if pp > 1 else 0.0
+        ctx = np.arange(call.prompt_len, call.prompt_len + call.gen_len - 1, dtype=np.float64)
+        pre_stages, dec_stages = [], []
+        comp_pre = comm_pre = 0.0
+        comp_dec = np.zeros_like(ctx)
+        comm_dec = 0.0
+        for s, layers in enumerate(counts):
+            last = s == pp - 1
+            c, t = _stage_pass(call, r, tp, layers, last, mb, call.prompt_len, 0, 1, cfg.flash_attention)
+            pre_stages.append(float(c) + t + (0.0 if last else p2p_pre))
+            comp_pre, comm_pre = max(comp_pre, float(c)), max(comm_pre, t)
+            c, t = _stage_pass(call, r, tp, layers, last, mb, 1, ctx, 1, cfg.flash_attention)
+            dec_stages.append(np.asarray(c) + t)
+            comp_dec, comm_dec = np.maximum(comp_dec, c), max(comm_dec, t)
+        prefill = _pipeline(pre_stages, m)
+        dec = np.stack(dec_stages) if dec_stages[0].size else np.zeros((pp, 0))
+        # A microbatch's next token needs its previous one out of the last stage; with m >= pp
+        # microbatches in rotation every stage stays busy, with fewer the pipeline waits.
+        step = np.maximum(m * dec.max(axis=0), (dec + p2p_dec).sum(axis=0))
+        decode = float(step.sum())
+        time = prefill + decode
+        busy_s = m * (sum(pre_stages) + float(dec.sum()))
+        parts["compute"] = m * comp_pre + m * float(comp_dec.sum())
+        parts["tp_comm"] = m * comm_pre + m * comm_dec * ctx.size
+    else:
+        train = call.call_type == "train"
+        passes = call.train_passes if train else 1
+        step_batch = -(-rep_batch // passes)
+        mb = -(-step_batch // m)
+        seq = call.seq_len
+        p2p = ppl.send(mb * seq * h * dt) if pp > 1 else 0.0
+        stages = []
+        comp_max = comm_max = 0.0
+        for s, layers in enumerate(counts):
+            last = s == pp - 1
+            c, t = _stage_pass(call, r, tp, layers, last, mb, seq, 0, seq, cfg.flash_attention)
+            c = float(c)
+            if train:
+                # backward: input and weight gradients, the same all-reduces again
+                c, t, send = (1 + hw.backward_factor) * c, 2 * t, 2 * p2p
+            else:
+                send = p2p
+            stages.append(c + t + (0.0 if last else send))
+            comp_max, comm_max = max(comp_max, c), max(comm_max, t)
+        pipe = _pipeline(stages, m)
+        busy_s = passes * m * sum(stages)
+        parts["compute"] = m * comp_max
+        parts["tp_comm"] = m * comm_max
+        step = pipe
+        if train:
+            local = max(stage_params(spec, tp, pp))
+            if cfg.distributed_optimizer:
+                dp_comm = dpl.allgather(local * GRAD_BYTES, dp) + dpl.allgather(local * dt, dp)
+                opt_params = local / dp
+            else:
+                dp_comm = dpl.allreduce(local * GRAD_BYTES, dp)
+                opt_params = local
+            # Adam reads the fp32 gradient, reads and writes two fp32 moments and the weights
+            # (an fp32 master copy for 16-bit runs, which then also writes the 16-bit weights).
+            adam_bytes = GRAD_BYTES + 16 + 8 + (dt if dt < 4 else 0)
+            opt = opt_params * adam_bytes / r.mem_bw
+            parts["dp_comm"] = passes * dp_comm
+            parts["optimizer"] = passes * opt
+            step = pipe + dp_comm + opt
+        time = passes * step
+        parts["compute"] *= passes
+        parts["tp_comm"] *= passes
+    parts["pp_bubble"] = max(0.0, time - sum(parts.values()))
+    busy = min(1.0, busy_s / (pp * time)) if time > 0 else 1.0
+    return float(time), parts, busy

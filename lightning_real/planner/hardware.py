@@ -1,0 +1,245 @@
+"""Hardware profiles: what one device computes and moves per second, and how a cluster is wired.
+
+Data-sheet numbers are peaks; a cost model built on them would promise plans no run achieves.
+Every GPU profile therefore stores the data-sheet peak *and* the fraction the model assumes is
+achieved, so both are visible and the effective rate is their product. Sources:
+
+* H100 SXM: NVIDIA H100 Tensor Core GPU data sheet: 989 TFLOP/s dense bf16, 80 GB HBM3 at
+  3.35 TB/s, NVLink 900 GB/s per GPU (both directions together, so 450 GB/s each way).
+* H200 SXM: NVIDIA H200 data sheet: 989 TFLOP/s dense bf16, 141 GB HBM3e at 4.8 TB/s, NVLink
+  900 GB/s.
+* A100 SXM 80GB: NVIDIA A100 data sheet: 312 TFLOP/s dense bf16, 80 GB HBM2e at 2.039 TB/s,
+  NVLink 600 GB/s.
+* Between nodes: one 400 Gb/s InfiniBand NDR NIC per H100/H200 (50 GB/s each way), 200 Gb/s
+  HDR per A100 (25 GB/s), as in DGX H100 / DGX A100 systems.
+
+Assumed achieved fractions (the same for the three GPUs): 60% of peak matmul throughput
+(large bf16 GEMMs in Megatron-style training reach 50-70%), 80% of memory bandwidth, 80% of
+NVLink and of InfiniBand bandwidth as collective bus bandwidth. Latencies are per collective
+step: 10 us inside a node, 20 us between nodes. A profile measured on a real machine
+(:mod:`lightning_real.planner.calibrate`) replaces all of these with numbers of its own.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+GB = 1e9
+TB = 1e12
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    """Speeds and sizes of one kind of device and its links, as the cost model uses them."""
+
+    name: str
+    """Short name ('h100', 'cpu-gloo', ...)."""
+    peak_flops: float
+    """Data-sheet (or measured) matmul throughput of one device, FLOP/s."""
+    flops_efficiency: float
+    """Fraction of ``peak_flops`` that large matmuls achieve (1.0 for measured profiles)."""
+    mem_bytes: float
+    """Memory of one device, bytes."""
+    peak_mem_bw: float
+    """Memory bandwidth of one device, bytes/s."""
+    mem_bw_efficiency: float
+    """Fraction of ``peak_mem_bw`` streaming kernels achieve."""
+    intra_bw: float
+    """Bus bandwidth a device achieves to peers in its node, per direction, bytes/s."""
+    intra_latency: float
+    """Latency of one step of a collective or of one send inside a node, seconds."""
+    inter_bw: float
+    """Bus bandwidth a device achieves to devices in other nodes, per direction, bytes/s."""
+    inter_latency: float
+    """Latency of one collective step or send between nodes, seconds."""
+    dtype_bytes: int = 2
+    """Bytes per parameter and activation element of runs on this hardware (bf16: 2; fp32: 4)."""
+    layer_overhead: float = 20e-6
+    """Fixed time per transformer layer per forward pass of one microbatch (kernel launches,
+    framework overhead), seconds; backward counts it twice."""
+    elementwise_bw: float | None = None
+    """Bytes/s of elementwise passes (norms, activations, softmax), counting each operation's
+    nominal reads and writes; None: the memory bandwidth (GPU kernels of this kind are
+    bandwidth-bound; on a CPU transcendentals make them compute-bound and slower)."""
+    backward_factor: float = 2.0
+    """Backward compute time over forward compute time (2: input and weight gradients each cost
+    a forward's matmuls)."""
+    usable_mem_fraction: float = 0.9
+    """Fraction of ``mem_bytes`` a plan may fill (the rest goes to the framework and fragmentation)."""
+    node_flops: float | None = None
+    """Throughput shared by all devices of one node, or None when each device has its own
+    (GPUs). On a CPU cluster the processes of a node share its cores."""
+    node_mem_bw: float | None = None
+    """Memory bandwidth shared by all devices of one node, or None when each device has its own."""
+    source: str = ""
+    """Where the numbers come from (data sheet, or the calibration run and its date)."""
+
+    def __post_init__(self) -> None:
+        for f in ("peak_flops", "mem_bytes", "peak_mem_bw", "intra_bw", "inter_bw"):
+            if not getattr(self, f) > 0:
+                raise ValueError(f"HardwareProfile.{f} must be positive, got {getattr(self, f)!r}")
+        for f in ("flops_efficiency", "mem_bw_efficiency", "usable_mem_fraction"):
+            if not 0 < getattr(self, f) <= 1:
+                raise ValueError(f"HardwareProfile.{f} must be in (0, 1], got {getattr(self, f)!r}")
+
+    @property
+    def flops(self) -> float:
+        """Effective matmul FLOP/s of one device working alone."""
+        return self.peak_flops * self.flops_efficiency
+
+    @property
+    def mem_bw(self) -> float:
+        """Effective memory bandwidth of one device working alone, bytes/s."""
+        return self.peak_mem_bw * self.mem_bw_efficiency
+
+    @property
+    def usable_mem(self) -> float:
+        """Bytes of one device a plan may use."""
+        return self.mem_bytes * self.usable_mem_fraction
+
+    def flops_when(self, active_in_node: float) -> float:
+        """Effective FLOP/s per device while ``active_in_node`` devices of its node compute."""
+        if self.node_flops is None:
+            return self.flops
+        return min(self.flops, self.node_flops / max(1, active_in_node))
+
+    def elementwise_bw_when(self, active_in_node: float) -> float:
+        """Effective elementwise throughput per device while ``active_in_node`` devices work.
+
+        Measured (CPU) elementwise passes are compute-bound, so they share the node like matmuls.
+        """
+        if self.elementwise_bw is None:
+            return self.mem_bw_when(active_in_node)
+        return self.elementwise_bw * self.flops_when(active_in_node) / self.flops
+
+    def mem_bw_when(self, active_in_node: float) -> float:
+        """Effective memory bandwidth per device while ``active_in_node`` devices of its node work."""
+        if self.node_mem_bw is None:
+            return self.mem_bw
+        return min(self.mem_bw, self.node_mem_bw / max(1, active_in_node))
+
+
+_COMMON = dict(
+    flops_efficiency=0.6,
+    mem_bw_efficiency=0.8,
+    intra_latency=10e-6,
+    inter_latency=20e-6,
+    dtype_bytes=2,
+    layer_overhead=20e-6,
+)
+
+H100 = HardwareProfile(
+    name="h100",
+    peak_flops=989 * 1e12,
+    mem_bytes=80 * GB,
+    peak_mem_bw=3.35 * TB,
+    intra_bw=0.8 * 450 * GB,
+    inter_bw=0.8 * 50 * GB,
+    source="NVIDIA H100 SXM data sheet; 400 Gb/s NDR InfiniBand per GPU",
+    **_COMMON,
+)
+H200 = HardwareProfile(
+    name="h200",
+    peak_flops=989 * 1e12,
+    mem_bytes=141 * GB,
+    peak_mem_bw=4.8 * TB,
+    intra_bw=0.8 * 450 * GB,
+    inter_bw=0.8 * 50 * GB,
+    source="NVIDIA H200 SXM data sheet; 400 Gb/s NDR InfiniBand per GPU",
+    **_COMMON,
+)
+A100 = HardwareProfile(
+    name="a100",
+    peak_flops=312 * 1e12,
+    mem_bytes=80 * GB,
+    peak_mem_bw=2.039 * TB,
+    intra_bw=0.8 * 300 * GB,
+    inter_bw=0.8 * 25 * GB,
+    source="NVIDIA A100 SXM 80GB data sheet; 200 Gb/s HDR InfiniBand per GPU",
+    **_COMMON,
+)
+
+# Measured by lightning_real.planner.calibrate on a 2-core AMD EPYC virtual machine with four gloo
+# processes (rounded; fp32). Use it for small CPU demos; measure your own machine with --gpu local.
+CPU_GLOO = HardwareProfile(
+    name="cpu-gloo",
+    peak_flops=75e9,
+    flops_efficiency=1.0,
+    mem_bytes=6e9,
+    peak_mem_bw=27e9,
+    mem_bw_efficiency=1.0,
+    intra_bw=0.8e9,
+    intra_latency=1.5e-3,
+    inter_bw=0.8e9,
+    inter_latency=1.5e-3,
+    dtype_bytes=4,
+    layer_overhead=6.5e-4,
+    elementwise_bw=10e9,
+    backward_factor=2.0,
+    node_flops=120e9,
+    node_mem_bw=42e9,
+    source="calibrated 2026-11-23 on a 2-core AMD EPYC VM, 4 gloo processes (rounded)",
+)
+
+PROFILES: dict[str, HardwareProfile] = {p.name: p for p in (H100, H200, A100, CPU_GLOO)}
+
+
+def get_profile(name: str) -> HardwareProfile:
+    """A built-in profile by name (case-insensitive)."""
+    key = name.strip().lower()
+    if key not in PROFILES:
+        raise ValueError(f"unknown gpu {name!r}; allowed: {', '.join(sorted(PROFILES))}")
+    return PROFILES[key]
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """Devices numbered node by node: device ``i`` sits in node ``i // gpus_per_node``."""
+
+    nodes: int
+    """Number of nodes."""
+    gpus_per_node: int
+    """Devices per node (NVLink inside a node, InfiniBand between nodes)."""
+    hw: HardwareProfile
+    """What each device is."""
+
+    def __post_init__(self) -> None:
+        if self.nodes < 1 or self.gpus_per_node < 1:
+            raise ValueError(
+                f"Cluster needs nodes >= 1 and gpus_per_node >= 1, got {self.nodes} and {self.gpus_per_node}"
+            )
+
+    @property
+    def n_devices(self) -> int:
+        """All devices of the cluster."""
+        return self.nodes * self.gpus_per_node
+
+    def node_of(self, device: int) -> int:
+        """Node index of a device."""
+        return device // self.gpus_per_node
+
+    def with_hw(self, **changes: object) -> Cluster:
+        """The same cluster with some hardware numbers changed (sensitivity studies)."""
+        return replace(self, hw=replace(self.hw, **changes))
+
+
+def profile_to_dict(hw: HardwareProfile) -> dict[str, object]:
+    """Plain fields of a profile (for JSON files and reports)."""
+    return {f: getattr(hw, f) for f in HardwareProfile.__dataclass_fields__}
+
+
+def save_profile(hw: HardwareProfile, path: str | Path) -> None:
+    """Write a profile as JSON (a calibration can then be reused without re-measuring)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(profile_to_dict(hw), indent=2) + "\n")
+
+
+def load_profile(path: str | Path) -> HardwareProfile:
+    """Read a profile written by :func:`save_profile`."""
+    data = json.loads(Path(path).read_text())
+    unknown = set(data) - set(HardwareProfile.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"profile {path}: unknown fields {sorted(unknown)}")
+    return HardwareProfile(**data)

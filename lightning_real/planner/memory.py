@@ -1,0 +1,175 @@
+"""Memory one device needs for one call under one layout: parameters, gradients, Adam states,
+activations, KV cache and logits, with the reason when it does not fit.
+
+Parameter counts per pipeline stage come from the exact sharding description the runtime uses
+(:func:`lightning_real.models.sharding.stage_param_specs`). Assumptions (see docs/planner.md):
+mixed precision keeps fp32 main gradients and, for 16-bit runs, an fp32 master copy; Adam keeps
+two fp32 moments; with the distributed optimizer these optimizer states are split over the
+data-parallel group; attention is flash-style (no score matrices are stored) unless told
+otherwise; training uses
+1F1B, so pipeline stage ``i`` holds ``min(m, pp - i)`` microbatches of activations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from lightning_real.models.build import stage_layers
+from lightning_real.models.sharding import stage_param_specs
+from lightning_real.models.spec import ModelSpec
+from lightning_real.planner.flops import head_width
+from lightning_real.planner.workload import CallSpec
+
+GRAD_BYTES = 4  # fp32 main gradients
+ADAM_MOMENT_BYTES = 8  # two fp32 moments
+LOGIT_BYTES = 4  # logits are upcast to fp32 for the softmax
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    """Bytes on the fullest device of a layout for one call."""
+
+    params: float
+    """Model weights held for the call."""
+    grads: float
+    """Gradient buffers (train calls)."""
+    optimizer: float
+    """Adam moments and master weights (train calls)."""
+    activations: float
+    """Activations kept for backward, or the working set of one forward pass."""
+    kv_cache: float
+    """Keys and values of every generated sequence (generate calls)."""
+    logits: float
+    """Logits of a microbatch (and their gradient when training)."""
+
+    @property
+    def total(self) -> float:
+        """All of the above."""
+        return self.params + self.grads + self.optimizer + self.activations + self.kv_cache + self.logits
+
+    @property
+    def states(self) -> float:
+        """What stays on the device between calls when the layout is the model's home."""
+        return self.params + self.grads + self.optimizer
+
+    @property
+    def transient(self) -> float:
+        """What exists only while the call runs."""
+        return self.activations + self.kv_cache + self.logits
+
+    def describe(self) -> str:
+        """'params 13.5 GB + grads ... = total' for reasons and reports."""
+        parts = [
+            (n, getattr(self, n))
+            for n in ("params", "grads", "optimizer", "activations", "kv_cache", "logits")
+            if getattr(self, n) > 0
+        ]
+        return " + ".join(f"{n} {fmt_bytes(v)}" for n, v in parts) + f" = {fmt_bytes(self.total)}"
+
+
+def fmt_bytes(n: float) -> str:
+    """Human-readable size (decimal units, as GPU data sheets use)."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+@lru_cache(maxsize=4096)
+def stage_params(spec: ModelSpec, tp: int, pp: int) -> tuple[int, ...]:
+    """Parameters one tensor-parallel rank of each pipeline stage holds."""
+    out = []
+    for stage in range(pp):
+        n = 0
+        for ps in stage_param_specs(spec, pp, stage):
+            size = 1
+            for d in ps.local_shape(tp):
+                size *= d
+            n += size
+        out.append(n)
+    return tuple(out)
+
+
+def act_elems_per_token_layer(spec: ModelSpec, tp: int) -> float:
+    """Activation elements one layer stores per token for backward on one tp rank.
+
+    Norm and linear inputs are replicated over tp (no sequence parallelism): four of width h;
+    q/k/v, the attention output and the MLP's inner tensors are split over tp.
+    """
+    h, f = spec.hidden_size, spec.ffn_hidden_size
+    kv = spec.num_kv_heads * spec.head_dim
+    mlp = (2 * f + f) if spec.gated_mlp else (f + f)
+    return 4 * h + (h + 2 * kv + h + mlp) / tp
+
+
+def call_memory(
+    call: CallSpec,
+    dp: int,
+    tp: int,
+    pp: int,
+    m: int,
+    dtype_bytes: int,
+    distributed_optimizer: bool = True,
+    flash_attention: bool = True,
+) -> MemoryBreakdown:
+    """Peak bytes on the fullest device when ``call`` runs as ``d{dp}t{tp}p{pp}`` with ``m`` microbatches.
+
+    The batch per replica is ``ceil(batch / dp)`` sequences (per optimizer step when training),
+    a microbatch ``ceil(that / m)``. ``distributed_optimizer`` splits Adam states and master
+    weights over the data-parallel group (ZeRO-1); without ``flash_attention`` each layer also
+    keeps its fp32 attention probabilities (``heads / tp`` score matrices per sequence).
+    """
+    spec = call.spec
+    per_stage = stage_params(spec, tp, pp)
+    counts = stage_layers(spec.num_layers, pp)
+    rep_batch = -(-call.batch_size // dp)
+    train = call.call_type == "train"
+    # A train call takes train_passes optimizer steps, each over its share of the batch.
+    step_batch = -(-rep_batch // call.train_passes) if train else rep_batch
+    mb = -(-step_batch // m)
+    act_layer = act_elems_per_token_layer(spec, tp) * dtype_bytes
+    kv_width = 2 * spec.num_kv_heads * spec.head_dim / tp * dtype_bytes
+    vocab = head_width(spec) / tp if spec.head == "lm" else 1
+
+    def scores(seq: int) -> float:
+        """Bytes of one sequence's attention probabilities in one layer (none when flash-style)."""
+        return 0.0 if flash_attention else spec.num_heads / tp * seq * seq * LOGIT_BYTES
+
+    best: MemoryBreakdown | None = None
+    for stage in range(pp):
+        params = per_stage[stage] * dtype_bytes
+        grads = optim = act = kv = logits = 0.0
+        last = stage == pp - 1
+        if train:
+            grads = per_stage[stage] * GRAD_BYTES
+            master = 4 if dtype_bytes < 4 else 0
+            optim = per_stage[stage] * (ADAM_MOMENT_BYTES + master)
+            if distributed_optimizer:
+                optim /= dp
+            in_flight = min(m, pp - stage)
+            act = in_flight * mb * counts[stage] * (call.seq_len * act_layer + scores(call.seq_len))
+            if last:
+                logits = 2 * mb * call.seq_len * vocab * LOGIT_BYTES
+        else:
+            seq = call.prompt_len if call.call_type == "generate" else call.seq_len
+            # Forward only: one layer's working set at a time.
+            act = mb * (seq * act_layer + scores(seq))
+            if call.call_type == "generate":
+                kv = rep_batch * call.seq_len * counts[stage] * kv_width
+                if last:
+                    logits = mb * vocab * LOGIT_BYTES
+            elif last:
+                logits = 2 * mb * call.seq_len * vocab * LOGIT_BYTES
+        b = MemoryBreakdown(params, grads, optim, act, kv, logits)
+        if best is None or b.total > best.total:
+            best = b
+    assert best is not None
+    return best
+
+
+def fits(mem: MemoryBreakdown, usable_bytes: float) -> str | None:
+    """None when ``mem`` fits, else the reason."""
+    if mem.total <= usable_bytes:
+        return None
+    return f"needs {mem.describe()} per device > {fmt_bytes(usable_bytes)} usable"

@@ -1,0 +1,134 @@
+"""The search space: device meshes, parallel strategies and microbatch counts per call.
+
+Device meshes follow ReaL: contiguous device ranges that are either a whole number of adjacent
+nodes or a power-of-two slice of one node aligned to its size. Tensor parallelism stays inside a
+node (tp divides the devices per node) and must divide the attention and key/value heads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from lightning_real.layout import Layout
+from lightning_real.planner.cost import DEFAULT_COST, CallCost, CostConfig, call_cost
+from lightning_real.planner.hardware import Cluster
+from lightning_real.planner.memory import call_memory
+from lightning_real.planner.workload import CallSpec
+
+MICROBATCH_CHOICES: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """A contiguous range of devices."""
+
+    start: int
+    """First device."""
+    size: int
+    """Number of devices."""
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        """The devices, in order."""
+        return tuple(range(self.start, self.start + self.size))
+
+    def __str__(self) -> str:
+        return f"{self.start}" if self.size == 1 else f"{self.start}-{self.start + self.size - 1}"
+
+
+@dataclass(frozen=True)
+class Option:
+    """A parallel strategy and microbatch count for a call on a mesh of some size, with its cost."""
+
+    dp: int
+    """Data-parallel degree."""
+    tp: int
+    """Tensor-parallel degree."""
+    pp: int
+    """Pipeline-parallel degree."""
+    m: int
+    """Microbatches per replica."""
+    cost: CallCost
+    """Time and memory under this strategy."""
+
+    def layout(self, mesh: Mesh) -> Layout:
+        """This strategy placed on ``mesh``."""
+        return _placed(self.dp, self.tp, self.pp, mesh)
+
+
+@lru_cache(maxsize=1 << 16)
+def _placed(dp: int, tp: int, pp: int, mesh: Mesh) -> Layout:
+    # The search builds the same layouts over and over; Layout validates on construction.
+    return Layout(dp, tp, pp, mesh.ranks)
+
+
+def meshes(cluster: Cluster) -> tuple[Mesh, ...]:
+    """Every device mesh a call may use, sub-node slices first, then multi-node ranges."""
+    g = cluster.gpus_per_node
+    out: list[Mesh] = []
+    size = 1
+    while size < g:
+        if g % size == 0:
+            for node in range(cluster.nodes):
+                for off in range(0, g, size):
+                    out.append(Mesh(node * g + off, size))
+        size *= 2
+    for k in range(1, cluster.nodes + 1):
+        for a in range(cluster.nodes - k + 1):
+            out.append(Mesh(a * g, k * g))
+    return tuple(out)
+
+
+def strategies(call: CallSpec, n: int, gpus_per_node: int) -> list[tuple[int, int, int]]:
+    """``(dp, tp, pp)`` with ``dp * tp * pp == n`` that this call can use (dp must split its batch
+    evenly, as the runtime requires)."""
+    spec = call.spec
+    out = []
+    for tp in range(1, n + 1):
+        if n % tp or gpus_per_node % tp or spec.num_heads % tp or spec.num_kv_heads % tp:
+            continue
+        for pp in range(1, n // tp + 1):
+            if (n // tp) % pp or pp > spec.num_layers:
+                continue
+            dp = n // (tp * pp)
+            if not call.dp_allowed(dp):
+                continue
+            out.append((dp, tp, pp))
+    return out
+
+
+def microbatch_choices(call: CallSpec, dp: int, pp: int) -> list[int]:
+    """Microbatch counts worth trying: powers of two up to the sequences a replica sees per step.
+
+    Generation takes at most ``2 * pp``: more microbatches than keep the pipeline busy only read
+    the weights more often and do not shrink the KV cache.
+    """
+    per_step = -(-call.batch_size // dp)
+    if call.call_type == "train":
+        per_step = -(-per_step // call.train_passes)
+    cap = min(per_step, 2 * pp) if call.call_type == "generate" else per_step
+    return [m for m in MICROBATCH_CHOICES if m <= cap]
+
+
+@lru_cache(maxsize=4096)
+def options(call: CallSpec, n: int, cluster: Cluster, cfg: CostConfig = DEFAULT_COST) -> tuple[Option, ...]:
+    """Every strategy of ``call`` on ``n`` devices that fits in memory on its own, fastest first.
+
+    "On its own" counts the call's full memory (parameters included), the case of a call that
+    does not run at its model's home; the simulator checks the whole plan.
+    """
+    usable = cluster.hw.usable_mem
+    dt = cluster.hw.dtype_bytes
+    out = []
+    for dp, tp, pp in strategies(call, n, cluster.gpus_per_node):
+        for m in microbatch_choices(call, dp, pp):
+            # Memory is cheap to price, time is not: skip what cannot fit first.
+            if (
+                call_memory(call, dp, tp, pp, m, dt, cfg.distributed_optimizer, cfg.flash_attention).total
+                > usable
+            ):
+                continue
+            out.append(Option(dp, tp, pp, m, call_cost(call, dp, tp, pp, m, cluster, cfg)))
+    out.sort(key=lambda o: (o.cost.time, o.cost.memory.total))
+    return tuple(out)
