@@ -1,13 +1,13 @@
 """How well the calibrated cost model predicts real call times on the local process cluster.
 
 One run: calibrate a hardware profile on ``--world`` processes (lightning_real.planner.calibrate),
-then, in the same process world, time the model backend's own calls under several layouts of 1,
-2 and 4 processes: inference as ``forward_logprobs`` (vocab-parallel log-probs of every token,
-broadcast from the last stage) and training as one ``TrainEngine.step`` (megatron-core pipeline
-schedule, forward and backward, data-parallel gradient average, gradient clipping, AdamW); and
-compare each with the cost model's prediction for that layout (replicated optimizer, as the
-engine runs it). Generate calls are not measured: there is no KV-cached generation backend to
-time yet.
+then, in one process world of that size, time the model backend's own calls under several layouts of 1,
+2 and 4 processes: generation as ``generate`` (KV-cached sampling of 32 new tokens after 64-token
+prompts, every row to full length), inference as ``forward_logprobs`` (vocab-parallel log-probs
+of every token, broadcast from the last stage) and training as one ``TrainEngine.step``
+(megatron-core pipeline schedule, forward and backward, data-parallel gradient average,
+gradient clipping, AdamW); and compare each with the cost model's prediction for that layout,
+priced as the backend runs (unfused attention, replicated AdamW: ``RUNTIME_COST``).
 
     python benchmarks/planner_fidelity.py            # prints a markdown table and the median error
     python benchmarks/planner_fidelity.py --json out.json
@@ -30,11 +30,13 @@ from lightning_real.compat import device
 from lightning_real.distributed.groups import GroupRegistry
 from lightning_real.layout import Layout
 from lightning_real.models.forward import forward_logprobs
+from lightning_real.models.generate import GenerationConfig, generate
 from lightning_real.models.shard import ModelShard
 from lightning_real.models.spec import ModelSpec
 from lightning_real.models.train import INPUT_IDS, TrainConfig, TrainEngine, split_for_dp
 from lightning_real.models.vocab_parallel import vocab_parallel_logprobs
-from lightning_real.planner.cost import CostConfig, call_cost
+from lightning_real.planner.auto import RUNTIME_COST
+from lightning_real.planner.cost import call_cost
 from lightning_real.planner.hardware import Cluster, HardwareProfile
 from lightning_real.planner.workload import CallSpec
 
@@ -49,7 +51,10 @@ SPEC = ModelSpec(
     max_position_embeddings=256,
 )
 SEQ = 128
-BATCH = {"inference": 32, "train": 16}
+BATCH = {"generate": 16, "inference": 32, "train": 16}
+GEN_PROMPT, GEN_NEW = 64, 32
+"""Generation: prompt tokens and new tokens per sequence (every row generates all of them)."""
+KINDS: tuple[str, ...] = ("generate", "inference", "train")
 LAYOUTS: list[tuple[str, int]] = [
     ("d1t1p1@0", 1),
     ("d2t1p1@0-1", 1),
@@ -65,12 +70,19 @@ LAYOUTS: list[tuple[str, int]] = [
 
 
 def _call_fn(kind: str, shard: ModelShard, m: int) -> Any:
-    """The runtime backend's call for this rank's replica: log-probs (inference) or one train step."""
+    """The runtime backend's call for this rank's replica: KV-cached sampling (generate), log-probs
+    (inference) or one train step."""
     groups = shard.groups
     lay = groups.layout
     gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, SPEC.vocab_size, (BATCH[kind], SEQ), generator=gen)
+    width = GEN_PROMPT if kind == "generate" else SEQ
+    ids = torch.randint(1, SPEC.vocab_size, (BATCH[kind], width), generator=gen)
     ids = split_for_dp({INPUT_IDS: ids}, lay.dp, groups.dp_rank)[INPUT_IDS].to(device())
+    if kind == "generate":
+        # no end-of-sequence token: every row generates GEN_NEW tokens, as the model assumes
+        cfg = GenerationConfig(max_new_tokens=GEN_NEW, seed=0)
+        pad = torch.ones_like(ids)
+        return lambda: generate(shard, ids, pad, cfg)
     if kind == "inference":
         pad = torch.ones_like(ids)
         return lambda: forward_logprobs(shard, ids, pad, n_mbs=m)
@@ -85,26 +97,32 @@ def _call_fn(kind: str, shard: ModelShard, m: int) -> Any:
 
 def _measure(rank: int, world: int, reps: int) -> list[dict[str, Any]]:
     reg = GroupRegistry()
-    out = []
-    for kind in ("inference", "train"):
-        for text, m in LAYOUTS:
+    cases = []
+    for kind in KINDS:
+        for text, m_layout in LAYOUTS:
+            # generation runs the replica's whole batch at once: no microbatches
+            m = 1 if kind == "generate" else m_layout
             lay = Layout.parse(text).resolve(world)
             groups = reg.for_layout(lay)
             run = _call_fn(kind, ModelShard.build(SPEC, groups, seed=0), m) if groups.member else None
-            times = []
-            for i in range(reps + 1):
-                dist.barrier()
-                t0 = time.perf_counter()
-                if run is not None:
-                    run()
-                t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-                dist.all_reduce(t, op=dist.ReduceOp.MAX)
-                if i:  # the first run warms up allocators and caches
-                    times.append(float(t[0]))
-            # Best of the repetitions: other work on a shared machine only slows runs down.
-            out.append(dict(kind=kind, layout=str(lay), m=m, measured=min(times), all=times))
-            del run
-    return out
+            cases.append((kind, lay, m, run, []))
+    # Repetitions go round the cases, so a burst of other work on the machine hits one
+    # repetition of several cases rather than every repetition of one; the first round warms up.
+    for i in range(reps + 1):
+        for _, _, _, run, times in cases:
+            dist.barrier()
+            t0 = time.perf_counter()
+            if run is not None:
+                run()
+            t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            if i:
+                times.append(float(t[0]))
+    # Best of the repetitions: other work on a shared machine only slows runs down.
+    return [
+        dict(kind=kind, layout=str(lay), m=m, measured=min(times), all=times)
+        for kind, lay, m, _, times in cases
+    ]
 
 
 def _load() -> str:
@@ -113,18 +131,20 @@ def _load() -> str:
 
 
 def predict(kind: str, text: str, m: int, hw: HardwareProfile, world: int) -> float:
-    """The cost model's time for one measured case (replicated Adam, as the harness runs it)."""
+    """The cost model's time for one measured case, priced as the backend runs it (unfused
+    attention, replicated AdamW)."""
     lay = Layout.parse(text)
-    call = CallSpec(f"{kind}", "actor", kind, SPEC, batch_size=BATCH[kind], prompt_len=SEQ, gen_len=0)  # type: ignore[arg-type]
+    prompt, new = (GEN_PROMPT, GEN_NEW) if kind == "generate" else (SEQ, 0)
+    call = CallSpec(kind, "actor", kind, SPEC, batch_size=BATCH[kind], prompt_len=prompt, gen_len=new)  # type: ignore[arg-type]
     cluster = Cluster(1, world, hw)
-    return call_cost(call, lay.dp, lay.tp, lay.pp, m, cluster, CostConfig(distributed_optimizer=False)).time
+    return call_cost(call, lay.dp, lay.tp, lay.pp, m, cluster, RUNTIME_COST).time
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--world", type=int, default=4, help="processes of the local cluster (default 4)")
     ap.add_argument(
-        "--reps", type=int, default=4, help="timed repetitions per case, the best counts (default 4)"
+        "--reps", type=int, default=6, help="timed repetitions per case, the best counts (default 6)"
     )
     ap.add_argument("--json", type=Path, default=None, help="also write the cases and the profile here")
     args = ap.parse_args(argv)

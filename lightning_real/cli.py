@@ -121,7 +121,7 @@ def _plan(args: argparse.Namespace) -> int:
 
     w = workload
     head = (
-        f"{w.meta.get('recipe', args.recipe)}: actor {w.roles()['actor'].num_params() / 1e9:.1f}B params, "
+        f"{w.meta.get('recipe', args.recipe)}: actor {_count(w.roles()['actor'].num_params())} params, "
         f"batch {w.calls[0].batch_size}, prompt {w.calls[0].prompt_len}, gen {w.calls[0].gen_len}; "
         f"{args.nodes} x {args.gpus_per_node} {hw.name} ({cluster.n_devices} devices)"
     )
@@ -164,6 +164,10 @@ def _plan(args: argparse.Namespace) -> int:
         run.log({"planner/iteration_s": result.sim.time})
         run.finish()
     return 0
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -6,11 +6,16 @@
   process alone and by all at once (their sum is the node's shared throughput on a CPU);
 * memory bandwidth of a 32 MB tensor copy, alone and all at once;
 * elementwise throughput of a transformer layer's mix (RMSNorm, SwiGLU gate, residual add,
-  softmax over ``[4096, 1024]``), counting each operation's nominal reads and writes;
+  softmax over ``[4096, 1024]``), counting each operation's nominal reads and writes (kept as
+  a cross-check and a fallback);
 * all-reduce latency (4 KB) and bus bandwidth (16 MB) over all processes;
 * from the megatron-core backend itself: the fixed cost per transformer layer (forward of 1 and
-  of 5 tiny layers on one token, divided by the 4 extra layers) and backward over forward time
-  (a 3-layer, 192-wide model on 8 x 256 tokens).
+  of 5 tiny layers on one token, divided by the 4 extra layers), backward over forward time,
+  and the forward time of a small calibration model (3 layers, 192 wide, 8 x 256 tokens, with
+  log-softmax), from which the elementwise throughput the cost model needs to reproduce it is
+  solved (:func:`backend_elementwise_bw`; on CPUs, where these passes are far from the copy
+  bandwidth), and the time per decode step of its generation, whose excess over the cost
+  model's layers becomes the per-step overhead (:func:`backend_step_overhead`).
 
 The result is a :class:`~lightning_real.planner.hardware.HardwareProfile` like the GPU ones, with
 ``gpus_per_node`` devices meant to be the processes of one node.
@@ -23,15 +28,27 @@ import math
 import os
 import platform
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from lightning_real.compat import device
-from lightning_real.planner.hardware import HardwareProfile
+from lightning_real.models.shard import ModelShard
+from lightning_real.models.spec import tiny_spec
+from lightning_real.planner.cost import CostConfig, call_cost
+from lightning_real.planner.hardware import Cluster, HardwareProfile
+from lightning_real.planner.workload import CallSpec
 
 MM_SHAPE = (2048, 256, 1024)
+CALIBRATION_SPEC = tiny_spec("llama", num_layers=3, hidden_size=192, ffn_hidden_size=512, vocab_size=2048)
+"""A small model unlike the ones the planner is usually checked on (head width 48, GQA 2:1)."""
+CALIBRATION_BATCH = (8, 256)
+DECODE_BATCH, DECODE_STEPS = (8, 32), 16
+"""Generation probe: 8 prompts of 32 tokens, then 16 decode steps."""
+_BACKEND_COST = CostConfig(distributed_optimizer=False, flash_attention=False)
+"""The backend runs megatron-core's local (unfused) attention and a replicated optimizer."""
 ELEMENTWISE_SHAPE = (4096, 1024)
 COPY_BYTES = 32 * 2**20
 SMALL_BYTES = 4 * 2**10
@@ -134,18 +151,18 @@ def _allreduce_time(nbytes: int, dev: torch.device, reps: int) -> float:
     return float(t[0])
 
 
-def _backend(rank: int, world: int, reps: int) -> tuple[float, float]:
-    """(seconds per extra tiny layer, backward over forward time) of the megatron-core backend,
-    measured on rank 0: forward of 1 and 5 tiny layers on one token; forward, and forward with
-    backward, of a small model on 8 x 256 tokens."""
+def _backend(rank: int, world: int, reps: int) -> tuple[float, float, float, float]:
+    """(seconds per extra tiny layer, backward over forward time, seconds of an inference forward,
+    seconds per decode step) of the megatron-core backend, measured on rank 0: forward of 1 and
+    5 tiny layers on one token; forward with log-softmax, forward with backward, and generation
+    of the calibration model."""
     from lightning_real.distributed.groups import GroupRegistry
     from lightning_real.layout import Layout
     from lightning_real.models.build import build_gpt
-    from lightning_real.models.spec import tiny_spec
 
     reg = GroupRegistry()
     groups = reg.for_layout(Layout(1, 1, 1, (0,)))
-    out = torch.zeros(2, dtype=torch.float64)
+    out = torch.zeros(4, dtype=torch.float64)
     if rank == 0:
         dev = device()
 
@@ -162,14 +179,37 @@ def _backend(rank: int, world: int, reps: int) -> tuple[float, float]:
             with torch.no_grad():
                 times.append(_timed(lambda m=model: m(*one), reps))
         out[0] = max(0.0, (times[1] - times[0]) / 4)
-        spec = tiny_spec("llama", num_layers=3, hidden_size=192, ffn_hidden_size=512, vocab_size=2048)
-        model = build_gpt(spec, groups, seed=0)
-        args = inputs(8, 256)
-        t_f = _timed(lambda: model(*args).float().square().mean(), reps)
-        t_fb = _timed(lambda: model(*args).float().square().mean().backward(), reps)
+        model = build_gpt(CALIBRATION_SPEC, groups, seed=0)
+        b, seq = CALIBRATION_BATCH
+        args = inputs(b, seq)
+
+        def forward() -> torch.Tensor:
+            # logits and their log-softmax, as inference and training calls take them
+            logits = model(*args).float()
+            return torch.log_softmax(logits, dim=-1).gather(-1, args[0].unsqueeze(-1)).sum()
+
+        with torch.no_grad():
+            out[2] = _timed(forward, reps)
+        out[3] = _decode_step(ModelShard.build(CALIBRATION_SPEC, groups, seed=0), reps)
+        t_f = _timed(forward, reps)
+        t_fb = _timed(lambda: forward().backward(), reps)
         out[1] = max(1.0, (t_fb - t_f) / t_f)
     dist.all_reduce(out)
-    return float(out[0]), float(out[1])
+    return float(out[0]), float(out[1]), float(out[2]), float(out[3])
+
+
+def _decode_step(shard: Any, reps: int) -> float:
+    """Seconds per decode step of the backend's generation (calibration prompts, sampling)."""
+    from lightning_real.models.generate import GenerationConfig, generate
+
+    b, n = DECODE_BATCH
+    ids = torch.ones(b, n, dtype=torch.long, device=device())
+    mask = torch.ones_like(ids)
+    short, long = (
+        _timed(lambda k=k: generate(shard, ids, mask, GenerationConfig(max_new_tokens=k, seed=0)), reps)
+        for k in (1, 1 + DECODE_STEPS)
+    )
+    return max(0.0, (long - short) / DECODE_STEPS)
 
 
 def _probe(rank: int, world: int, reps: int) -> dict[str, float]:
@@ -183,7 +223,7 @@ def _probe(rank: int, world: int, reps: int) -> dict[str, float]:
     latency = t_small / steps
     factor = 2 * (world - 1) / world if world > 1 else 1.0
     link_bw = factor * BIG_BYTES / max(1e-9, t_big - steps * latency)
-    overhead, bwd = _backend(rank, world, reps)
+    overhead, bwd, t_fwd, t_step = _backend(rank, world, reps)
     return dict(
         flops=flops,
         node_flops=node_flops,
@@ -193,7 +233,9 @@ def _probe(rank: int, world: int, reps: int) -> dict[str, float]:
         link_bw=link_bw,
         layer_overhead=overhead,
         backward_factor=bwd,
-        elementwise_bw=ew,
+        elementwise_mix_bw=ew,
+        t_calibration_forward=t_fwd,
+        t_calibration_decode_step=t_step,
         t_small=t_small,
         t_big=t_big,
     )
@@ -227,10 +269,53 @@ def calibrate(
         layer_overhead=raw["layer_overhead"],
         backward_factor=raw["backward_factor"],
         # GPU elementwise kernels are bandwidth-bound: the copy bandwidth prices them.
-        elementwise_bw=None if gpu else raw["elementwise_bw"],
+        elementwise_bw=None if gpu else raw["elementwise_mix_bw"],
         # GPUs have their own compute each; CPU processes share the node's cores.
         node_flops=None if gpu else raw["node_flops"],
         node_mem_bw=None if gpu else raw["node_mem_bw"],
         source=f"calibrated {stamp} on {platform.node() or 'this machine'}, {world_size} processes, {os.cpu_count()} cores",
     )
-    return hw, raw
+    if not gpu:
+        backend = backend_elementwise_bw(hw, raw["t_calibration_forward"])
+        raw["elementwise_bw"] = backend or raw["elementwise_mix_bw"]
+        hw = replace(hw, elementwise_bw=raw["elementwise_bw"])
+    raw["step_overhead"] = backend_step_overhead(hw, raw["t_calibration_decode_step"])
+    return replace(hw, step_overhead=raw["step_overhead"]), raw
+
+
+def backend_step_overhead(hw: HardwareProfile, t_step: float) -> float:
+    """What a measured decode step of the calibration model takes beyond the cost model's layers."""
+    b, n = DECODE_BATCH
+
+    def predicted(new: int) -> float:
+        call = CallSpec(
+            "calibration", "actor", "generate", CALIBRATION_SPEC, batch_size=b, prompt_len=n, gen_len=new
+        )
+        return call_cost(call, 1, 1, 1, 1, Cluster(1, 1, replace(hw, step_overhead=0.0)), _BACKEND_COST).time
+
+    per_step = (predicted(1 + DECODE_STEPS) - predicted(1)) / DECODE_STEPS
+    return max(0.0, t_step - per_step)
+
+
+def backend_elementwise_bw(hw: HardwareProfile, t_forward: float) -> float | None:
+    """Elementwise throughput at which the cost model reproduces the backend's measured forward.
+
+    The cost model's time of the calibration forward is ``A + bytes / E``: ``A`` its matmuls and
+    per-layer overheads, ``bytes`` what it counts as elementwise traffic (activations, unfused
+    attention scores, log-softmax passes). Solving for ``E`` folds what a CPU backend does beyond
+    the counted matmuls (small attention matmuls, transposes, transcendentals) into one rate.
+    None when the matmuls alone already take the measured time.
+    """
+    b, seq = CALIBRATION_BATCH
+    call = CallSpec(
+        "calibration", "actor", "inference", CALIBRATION_SPEC, batch_size=b, prompt_len=seq, gen_len=0
+    )
+
+    def predicted(e: float) -> float:
+        return call_cost(call, 1, 1, 1, 1, Cluster(1, 1, replace(hw, elementwise_bw=e)), _BACKEND_COST).time
+
+    fixed = predicted(1e30)
+    counted = predicted(1.0) - fixed
+    if t_forward <= fixed or counted <= 0:
+        return None
+    return counted / (t_forward - fixed)

@@ -234,7 +234,7 @@ def _timing(
         dec = np.stack(dec_stages) if dec_stages[0].size else np.zeros((pp, 0))
         # A microbatch's next token needs its previous one out of the last stage; with m >= pp
         # microbatches in rotation every stage stays busy, with fewer the pipeline waits.
-        step = np.maximum(m * dec.max(axis=0), (dec + p2p_dec).sum(axis=0))
+        step = np.maximum(m * dec.max(axis=0), (dec + p2p_dec).sum(axis=0)) + hw.step_overhead
         decode = float(step.sum())
         time = prefill + decode
         busy_s = m * (sum(pre_stages) + float(dec.sum()))

@@ -66,6 +66,9 @@ class HardwareProfile:
     backward_factor: float = 2.0
     """Backward compute time over forward compute time (2: input and weight gradients each cost
     a forward's matmuls)."""
+    step_overhead: float = 0.0
+    """Fixed time per decode step of generation beyond the layers (sampling, KV-cache bookkeeping,
+    broadcasting the new tokens), seconds; 0 assumes a graph-captured decode loop."""
     usable_mem_fraction: float = 0.9
     """Fraction of ``mem_bytes`` a plan may fill (the rest goes to the framework and fragmentation)."""
     node_flops: float | None = None
@@ -165,21 +168,22 @@ A100 = HardwareProfile(
 # processes (rounded; fp32). Use it for small CPU demos; measure your own machine with --gpu local.
 CPU_GLOO = HardwareProfile(
     name="cpu-gloo",
-    peak_flops=75e9,
+    peak_flops=82e9,
     flops_efficiency=1.0,
     mem_bytes=6e9,
-    peak_mem_bw=27e9,
+    peak_mem_bw=30e9,
     mem_bw_efficiency=1.0,
-    intra_bw=0.8e9,
-    intra_latency=1.5e-3,
-    inter_bw=0.8e9,
-    inter_latency=1.5e-3,
+    intra_bw=0.85e9,
+    intra_latency=1.7e-3,
+    inter_bw=0.85e9,
+    inter_latency=1.7e-3,
     dtype_bytes=4,
-    layer_overhead=6.5e-4,
-    elementwise_bw=10e9,
-    backward_factor=2.0,
-    node_flops=120e9,
-    node_mem_bw=42e9,
+    layer_overhead=7e-4,
+    elementwise_bw=7e9,
+    backward_factor=1.9,
+    step_overhead=3e-3,
+    node_flops=130e9,
+    node_mem_bw=32e9,
     source="calibrated 2026-11-23 on a 2-core AMD EPYC VM, 4 gloo processes (rounded)",
 )
 
