@@ -1,40 +1,29 @@
 """Forward passes under any layout: logits, log-probabilities of the next tokens, values.
 
 Each data-parallel replica processes the rows it is given; results end up on every rank of the
-replica (all tensor and pipeline ranks), ready for the runtime to hand on.
+replica (all tensor and pipeline ranks), ready for the runtime to hand on. Masks and positions
+come from :mod:`lightning_real.models.masks` (re-exported here).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
+from lightning_real.models.masks import attention_mask_4d, position_ids
 from lightning_real.models.pipeline import MicroBatch, broadcast_from_last_stage, run_forward
 from lightning_real.models.shard import ModelShard
 from lightning_real.models.vocab_parallel import gather_vocab, vocab_parallel_logprobs
 
-
-def attention_mask_4d(pad_mask: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """megatron's bool mask [b, 1, s, s] (True = masked): causal, padding, and packed segments."""
-    s = pad_mask.shape[1]
-    causal = torch.ones(s, s, dtype=torch.bool, device=pad_mask.device).tril()
-    keep = causal[None] & pad_mask.bool()[:, None, :]
-    if segment_ids is not None:
-        keep = keep & (segment_ids[:, :, None] == segment_ids[:, None, :])
-    return ~keep[:, None]
-
-
-def position_ids(pad_mask: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Positions counting real tokens only (left padding), restarting at each packed segment."""
-    m = pad_mask.long()
-    if segment_ids is None:
-        return (m.cumsum(-1) - 1).clamp(min=0)
-    pos = torch.zeros_like(m)
-    for seg in segment_ids.unique().tolist():
-        if seg == 0:
-            continue
-        inside = (segment_ids == seg).long() * m
-        pos = pos + ((inside.cumsum(-1) - 1).clamp(min=0)) * inside
-    return pos
+__all__ = [
+    "attention_mask_4d",
+    "forward_logits",
+    "forward_logprobs",
+    "forward_values",
+    "microbatches",
+    "position_ids",
+]
 
 
 def microbatches(
@@ -45,6 +34,11 @@ def microbatches(
     extra: dict[str, torch.Tensor] | None = None,
 ) -> list[MicroBatch]:
     """Split rows into ``n_mbs`` microbatches (as even as possible)."""
+    if input_ids.dim() != 2 or pad_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"input_ids and pad_mask must both be [batch, seq]; got {tuple(input_ids.shape)} "
+            f"and {tuple(pad_mask.shape)}"
+        )
     b = input_ids.shape[0]
     if n_mbs < 1 or n_mbs > b:
         raise ValueError(f"n_mbs={n_mbs} must be between 1 and the batch size {b}")
@@ -64,8 +58,21 @@ def microbatches(
 
 
 def _run(
-    shard: ModelShard, input_ids, pad_mask, n_mbs, segment_ids, fn, width: int | None, dtype
+    shard: ModelShard,
+    input_ids: torch.Tensor,
+    pad_mask: torch.Tensor,
+    n_mbs: int,
+    segment_ids: torch.Tensor | None,
+    fn: Callable[[torch.Tensor, MicroBatch], torch.Tensor],
+    width: int | None,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
+    if shard.module is None:
+        raise RuntimeError(f"rank {shard.groups.rank} is not in layout {shard.layout}; only its ranks run it")
+    # Inputs may arrive on the CPU (from the data loader); the model's device is where they go.
+    dev = next(shard.module.parameters()).device
+    input_ids, pad_mask = input_ids.to(dev), pad_mask.to(dev)
+    segment_ids = segment_ids.to(dev) if segment_ids is not None else None
     mbs = microbatches(input_ids, pad_mask, n_mbs, segment_ids)
     with torch.no_grad():
         parts = run_forward(shard, mbs, fn)
@@ -100,6 +107,8 @@ def forward_logprobs(
     temperature: float = 1.0,
 ) -> torch.Tensor:
     """Log-probabilities [b, s-1] of each next token (position t scores token t+1), vocab-parallel."""
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature} must be > 0")
     g = shard.groups
 
     def fn(out: torch.Tensor, mb: MicroBatch) -> torch.Tensor:

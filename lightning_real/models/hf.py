@@ -1,280 +1,282 @@
-"""HF checkpoints in and out: transformers' safetensors format <-> canonical tensors <-> shards.
+"""HF checkpoints in and out: transformers' safetensors folders <-> canonical tensors <-> shards.
 
-Conversions are per canonical key (see ``models/sharding.py``), so a pipeline stage reads only
-the HF tensors of its own layers. Critic and reward models use the family's
-``*ForSequenceClassification`` layout (``score.weight``, one label) with a per-token value head.
+* :func:`load_hf` builds a :class:`ModelShard` on a layout; each pipeline stage reads only the
+  HF tensors of its own layers (single-file or sharded ``model.safetensors.index.json``);
+* :func:`save_hf` writes a sharded model back: tensor-parallel slices are gathered per stage and
+  each stage writes its own file; transformers' ``from_pretrained`` loads the folder;
+* :func:`save_tiny_hf` writes a small random checkpoint with transformers (tests, demos).
+
+Tensor-level conversion lives in :mod:`lightning_real.models.hf_convert`. LM heads map to
+``*ForCausalLM`` / ``GPT2LMHeadModel``; value heads (critic, reward) to the family's
+``*ForSequenceClassification`` (``score.weight``, one label), applied per token.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 
 from lightning_real.distributed.groups import LayoutGroups
+from lightning_real.models.hf_convert import (
+    TRUNK_PREFIX,
+    canonical_to_hf,
+    expected_hf_shapes,
+    hf_names,
+    to_canonical,
+)
 from lightning_real.models.shard import ModelShard
-from lightning_real.models.sharding import canonical_keys, load_canonical_, stage_param_specs
-from lightning_real.models.spec import ModelSpec
+from lightning_real.models.sharding import WORD_EMBEDDINGS, canonical_keys
+from lightning_real.models.spec import FAMILIES, ModelSpec
 
-SUPPORTED = ("llama", "qwen2", "gpt2")
+__all__ = [
+    "CheckpointError",
+    "HFCheckpoint",
+    "canonical_to_hf",
+    "gather_canonical",
+    "hf_model",
+    "hf_names",
+    "load_hf",
+    "read_canonical",
+    "read_spec",
+    "save_hf",
+    "save_tiny_hf",
+    "write_hf",
+]
+
+SUPPORTED = FAMILIES
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+VALUE_HEAD = "output_layer.weight"
+Head = Literal["lm", "value"]
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be read: the message names the folder and what is wrong."""
+    """A checkpoint that cannot be read or written: the message names the folder and what is wrong."""
 
 
-# ---- per-key conversion -------------------------------------------------------------------------
-def _prefix(spec: ModelSpec) -> str:
-    return "transformer." if spec.family == "gpt2" else "model."
+def architecture(spec: ModelSpec) -> str:
+    """transformers class name that holds ``spec`` (config.json ``architectures``)."""
+    base = {"llama": "Llama", "qwen2": "Qwen2", "gpt2": "GPT2"}[spec.family]
+    if spec.head == "value":
+        return f"{base}ForSequenceClassification"
+    return "GPT2LMHeadModel" if spec.family == "gpt2" else f"{base}ForCausalLM"
 
 
-def _hf_layer(spec: ModelSpec, i: int) -> str:
-    return f"transformer.h.{i}." if spec.family == "gpt2" else f"model.layers.{i}."
-
-
-def _qkv_to_canonical(spec: ModelSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """[q; k; v] (HF) -> megatron's per-kv-group interleave ``[q heads of group, k, v]``."""
-    g, hd = spec.num_kv_heads, spec.head_dim
-    qpg = spec.num_heads // g
-    tail = q.shape[1:]
-    parts = [q.reshape(g, qpg * hd, *tail), k.reshape(g, hd, *tail), v.reshape(g, hd, *tail)]
-    return torch.cat(parts, dim=1).reshape(-1, *tail)
-
-
-def _qkv_from_canonical(spec: ModelSpec, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    g, hd = spec.num_kv_heads, spec.head_dim
-    qpg = spec.num_heads // g
-    tail = t.shape[1:]
-    x = t.reshape(g, (qpg + 2) * hd, *tail)
-    q, k, v = x.split([qpg * hd, hd, hd], dim=1)
-    return q.reshape(-1, *tail), k.reshape(-1, *tail), v.reshape(-1, *tail)
-
-
-Reader = Callable[[str], torch.Tensor]
-
-
-def _sub(key: str) -> tuple[int | None, str]:
-    m = re.match(r"decoder\.layers\.(\d+)\.(.*)", key)
-    return (int(m.group(1)), m.group(2)) if m else (None, key)
-
-
-def hf_names(spec: ModelSpec, key: str) -> list[str]:
-    """HF tensor names that canonical ``key`` is made from."""
-    return list(_to_canonical(spec, key, None))
-
-
-def _to_canonical(spec: ModelSpec, key: str, read: Reader | None) -> dict[str, torch.Tensor] | list[str]:
-    """With ``read=None``: the HF names ``key`` needs; else ``{key: canonical tensor}``."""
-    layer, sub = _sub(key)
-    gpt2 = spec.family == "gpt2"
-    names: list[str]
-    combine: Callable[[list[torch.Tensor]], torch.Tensor] = lambda ts: ts[0]  # noqa: E731
-    if layer is None:
-        if key == "embedding.word_embeddings.weight":
-            names = ["transformer.wte.weight" if gpt2 else "model.embed_tokens.weight"]
-        elif key == "embedding.position_embeddings.weight":
-            names = ["transformer.wpe.weight"]
-        elif key.startswith("decoder.final_layernorm."):
-            names = [("transformer.ln_f." if gpt2 else "model.norm.") + key.rsplit(".", 1)[1]]
-        elif key == "output_layer.weight":
-            names = ["score.weight" if spec.head == "value" else "lm_head.weight"]
-        else:
-            raise KeyError(f"no HF mapping for {key}")
-    else:
-        p = _hf_layer(spec, layer)
-        if gpt2:
-            conv_t = lambda ts: ts[0].t().contiguous()  # noqa: E731  (Conv1D stores [in, out])
-            table: dict[str, tuple[str, Callable[[list[torch.Tensor]], torch.Tensor]]] = {
-                "input_layernorm.weight": ("ln_1.weight", combine),
-                "input_layernorm.bias": ("ln_1.bias", combine),
-                "pre_mlp_layernorm.weight": ("ln_2.weight", combine),
-                "pre_mlp_layernorm.bias": ("ln_2.bias", combine),
-                "self_attention.linear_qkv.weight": (
-                    "attn.c_attn.weight",
-                    lambda ts: _qkv_to_canonical(spec, *ts[0].t().chunk(3, dim=0)),
-                ),
-                "self_attention.linear_qkv.bias": (
-                    "attn.c_attn.bias",
-                    lambda ts: _qkv_to_canonical(spec, *ts[0].chunk(3, dim=0)),
-                ),
-                "self_attention.linear_proj.weight": ("attn.c_proj.weight", conv_t),
-                "self_attention.linear_proj.bias": ("attn.c_proj.bias", combine),
-                "mlp.linear_fc1.weight": ("mlp.c_fc.weight", conv_t),
-                "mlp.linear_fc1.bias": ("mlp.c_fc.bias", combine),
-                "mlp.linear_fc2.weight": ("mlp.c_proj.weight", conv_t),
-                "mlp.linear_fc2.bias": ("mlp.c_proj.bias", combine),
-            }
-            hf, combine = table[sub]
-            names = [p + hf]
-        else:
-            a = p + "self_attn."
-            if sub in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
-                s = sub.rsplit(".", 1)[1]
-                names = [f"{a}q_proj.{s}", f"{a}k_proj.{s}", f"{a}v_proj.{s}"]
-                combine = lambda ts: _qkv_to_canonical(spec, *ts)  # noqa: E731
-            elif sub == "mlp.linear_fc1.weight":
-                names = [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]
-                combine = lambda ts: torch.cat(ts, 0)  # noqa: E731
-            else:
-                simple = {
-                    "input_layernorm.weight": "input_layernorm.weight",
-                    "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
-                    "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
-                    "mlp.linear_fc2.weight": "mlp.down_proj.weight",
-                }
-                names = [p + simple[sub]]
-    if read is None:
-        return names
-    return {key: combine([read(n) for n in names])}
-
-
-def canonical_to_hf(spec: ModelSpec, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Canonical tensors -> an HF state dict (the inverse of the reader)."""
-    out: dict[str, torch.Tensor] = {}
-    gpt2 = spec.family == "gpt2"
-    for key, t in tensors.items():
-        names = hf_names(spec, key)
-        layer, sub = _sub(key)
-        if len(names) == 3:  # q, k, v
-            for n, part in zip(names, _qkv_from_canonical(spec, t)):
-                out[n] = part.contiguous()
-        elif len(names) == 2:  # gate, up
-            gate, up = t.chunk(2, dim=0)
-            out[names[0]], out[names[1]] = gate.contiguous(), up.contiguous()
-        elif gpt2 and sub == "self_attention.linear_qkv.weight":
-            out[names[0]] = torch.cat(_qkv_from_canonical(spec, t), 0).t().contiguous()
-        elif gpt2 and sub == "self_attention.linear_qkv.bias":
-            out[names[0]] = torch.cat(_qkv_from_canonical(spec, t), 0).contiguous()
-        elif gpt2 and layer is not None and sub.endswith(".weight") and "layernorm" not in sub:
-            out[names[0]] = t.t().contiguous()
-        else:
-            out[names[0]] = t.contiguous()
-    return out
-
-
-# ---- files --------------------------------------------------------------------------------------
-def _open_reader(path: Path) -> Reader:
-    """A by-name tensor reader over single-file or sharded safetensors checkpoints."""
-    from safetensors import safe_open
-
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-    elif (path / "model.safetensors").exists():
-        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
-            weight_map = dict.fromkeys(f.keys(), "model.safetensors")
-    else:
-        raise CheckpointError(f"checkpoint {path}: no model.safetensors or model.safetensors.index.json")
-    handles: dict[str, Any] = {}
-
-    def read(name: str) -> torch.Tensor:
-        # GPT-2 checkpoints saved without the "transformer." prefix are accepted too.
-        file = weight_map.get(name)
-        if file is None and name.startswith("transformer."):
-            file, name = weight_map.get(name[len("transformer.") :]), name[len("transformer.") :]
-        if file is None:
-            raise CheckpointError(f"checkpoint {path}: tensor {name!r} is missing")
-        if file not in handles:
-            handles[file] = safe_open(str(path / file), framework="pt")
-        return handles[file].get_tensor(name)
-
-    return read
-
-
-def read_spec(path: str | Path, head: str = "lm") -> ModelSpec:
+# ---- reading ------------------------------------------------------------------------------------
+def read_spec(path: str | Path, head: Head = "lm") -> ModelSpec:
     """The ModelSpec of an HF checkpoint folder (clear errors for missing or unsupported ones)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint folder {path} does not exist")
     cfg_file = path / "config.json"
-    if not cfg_file.exists():
+    if not cfg_file.is_file():
         raise CheckpointError(f"checkpoint {path}: config.json is missing")
-    model_type = json.loads(cfg_file.read_text()).get("model_type")
+    try:
+        model_type = json.loads(cfg_file.read_text()).get("model_type")
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"checkpoint {path}: config.json is not valid JSON ({e})") from e
     if model_type not in SUPPORTED:
         raise CheckpointError(
             f"checkpoint {path}: model_type {model_type!r} is not supported; allowed: {', '.join(SUPPORTED)}"
         )
     import transformers
 
-    cfg = transformers.AutoConfig.from_pretrained(path)
-    return ModelSpec.from_hf_config(cfg, head=head)  # type: ignore[arg-type]
+    cfg = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    return ModelSpec.from_hf_config(cfg, head=head)
+
+
+def _weight_map(path: Path) -> dict[str, Path]:
+    """HF tensor name -> the safetensors file holding it."""
+    from safetensors import safe_open
+
+    index = path / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"checkpoint {path}: {INDEX_FILE} has no 'weight_map'")
+        return {name: path / file for name, file in weight_map.items()}
+    single = path / SINGLE_FILE
+    if single.is_file():
+        with safe_open(str(single), framework="pt") as f:
+            return dict.fromkeys(f.keys(), single)
+    raise CheckpointError(f"checkpoint {path}: no {SINGLE_FILE} or {INDEX_FILE} (only safetensors is read)")
+
+
+@dataclass(frozen=True)
+class HFCheckpoint:
+    """An HF checkpoint folder checked against a spec; reads canonical tensors by key."""
+
+    path: Path
+    """The checkpoint folder."""
+    spec: ModelSpec
+    """The model it holds (with the head it is read as)."""
+    prefix: str
+    """Trunk prefix of its tensor names: 'model.', 'transformer.', or '' for a bare trunk."""
+    files: dict[str, Path]
+    """HF tensor name -> safetensors file."""
+    zero_value_head: bool
+    """It has no value head; the head is read as zeros (``init_value_head``)."""
+
+    @classmethod
+    def open(cls, path: str | Path, spec: ModelSpec, init_value_head: bool = False) -> HFCheckpoint:
+        """Check that every tensor ``spec`` needs is present with its shape (file headers only).
+
+        The whole model is checked, not one stage, so every rank of a layout fails alike.
+        ``init_value_head``: a value-head ``spec`` may be read from a checkpoint without
+        ``score.weight`` (a causal LM, e.g. a critic started from the actor); the head is zero.
+        """
+        from safetensors import safe_open
+
+        path = Path(path)
+        files = _weight_map(path)
+        prefix = next(
+            (p for p in (TRUNK_PREFIX[spec.family], "") if hf_names(spec, WORD_EMBEDDINGS, p)[0] in files),
+            TRUNK_PREFIX[spec.family],
+        )
+        expected = expected_hf_shapes(spec, prefix)
+        zero_head = spec.head == "value" and init_value_head and "score.weight" not in files
+        if zero_head:
+            expected.pop("score.weight")
+        by_file: dict[Path, list[str]] = {}
+        for name in expected:
+            if name not in files:
+                hint = ""
+                if name == "score.weight":
+                    hint = (
+                        " (a causal-LM checkpoint has no value head; init_value_head=True starts one at zero)"
+                    )
+                raise CheckpointError(f"checkpoint {path}: tensor {name!r} is missing{hint}")
+            by_file.setdefault(files[name], []).append(name)
+        for file, names in by_file.items():
+            if not file.is_file():
+                raise CheckpointError(f"checkpoint {path}: weight file {file.name} is missing")
+            with safe_open(str(file), framework="pt") as f:
+                for name in names:
+                    shape = tuple(f.get_slice(name).get_shape())
+                    if shape != expected[name]:
+                        raise CheckpointError(
+                            f"checkpoint {path}: tensor {name!r} has shape {shape}, "
+                            f"expected {expected[name]} from config.json"
+                        )
+        return cls(path, spec, prefix, files, zero_head)
+
+    def read(self, keys: list[str], dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(key, canonical tensor)`` for each key, one at a time; each file is opened once."""
+        from safetensors import safe_open
+
+        with ExitStack() as stack:
+            handles: dict[Path, Any] = {}
+            for key in keys:
+                if key == VALUE_HEAD and self.zero_value_head:
+                    yield key, torch.zeros(1, self.spec.hidden_size, dtype=dtype or torch.float32)
+                    continue
+                parts = []
+                for name in hf_names(self.spec, key, self.prefix):
+                    file = self.files[name]
+                    if file not in handles:
+                        handles[file] = stack.enter_context(safe_open(str(file), framework="pt"))
+                    parts.append(handles[file].get_tensor(name))
+                t = to_canonical(self.spec, key, parts)
+                yield key, t if dtype is None else t.to(dtype)
 
 
 def read_canonical(
-    path: str | Path, spec: ModelSpec, keys: list[str] | None = None
+    path: str | Path, spec: ModelSpec, keys: list[str] | None = None, init_value_head: bool = False
 ) -> dict[str, torch.Tensor]:
     """Canonical tensors of ``keys`` (default: all) read from an HF checkpoint folder."""
-    read = _open_reader(Path(path))
-    out: dict[str, torch.Tensor] = {}
-    for key in keys if keys is not None else canonical_keys(spec):
-        if key in out:
-            continue
-        t = _to_canonical(spec, key, read)
-        assert isinstance(t, dict)
-        out.update(t)
-    return out
+    ckpt = HFCheckpoint.open(path, spec, init_value_head)
+    wanted = list(dict.fromkeys(keys if keys is not None else canonical_keys(spec)))
+    return dict(ckpt.read(wanted))
 
 
+@torch.no_grad()
 def load_hf(
-    path: str | Path, groups: LayoutGroups, head: str = "lm", dtype: torch.dtype = torch.float32
+    path: str | Path,
+    groups: LayoutGroups,
+    head: Head = "lm",
+    dtype: torch.dtype = torch.float32,
+    init_value_head: bool = False,
 ) -> ModelShard:
-    """Build this rank's shard of the checkpoint at ``path``; each stage reads only its tensors."""
+    """Build this rank's shard of the checkpoint at ``path`` under ``groups.layout``.
+
+    Every rank of the layout calls it (model construction is collective); each reads only the
+    tensors of its own pipeline stage, one at a time. Ranks outside the layout get an empty
+    shard. ``init_value_head``: see :meth:`HFCheckpoint.open`.
+    """
     spec = read_spec(path, head)
+    ckpt = HFCheckpoint.open(path, spec, init_value_head)
     shard = ModelShard.build(spec, groups, dtype=dtype)
     if shard.module is None:
         return shard
-    stage = groups.pp_rank
-    keys = [ps.key for ps in stage_param_specs(spec, groups.layout.pp, stage)]
-    tensors = read_canonical(path, spec, keys)
-    for ps in stage_param_specs(spec, groups.layout.pp, stage):
-        if tuple(tensors[ps.key].shape) != ps.canonical_shape:
-            raise CheckpointError(
-                f"checkpoint {path}: {hf_names(spec, ps.key)} gives {ps.key} shape "
-                f"{tuple(tensors[ps.key].shape)}, expected {ps.canonical_shape}"
-            )
-    load_canonical_(shard.module, spec, shard.layout, groups.rank, tensors)
+    by_key: dict[str, list[Any]] = {}
+    for ps, p in shard.params():
+        by_key.setdefault(ps.key, []).append((ps, p))
+    tp, tp_rank = shard.layout.tp, groups.tp_rank
+    for key, tensor in ckpt.read(list(by_key), dtype):
+        for ps, p in by_key[key]:
+            p.copy_(ps.to_local(tensor, tp_rank, tp))
     return shard
+
+
+# ---- gathering ----------------------------------------------------------------------------------
+def _gather_stage(shard: ModelShard) -> dict[str, torch.Tensor] | None:
+    """Canonical tensors of this rank's stage on the stage's tp rank 0 (None on other tp ranks).
+
+    Collective over the rank's tensor-parallel group.
+    """
+    g, lay = shard.groups, shard.layout
+    lead = lay.rank_at(g.dp_rank, 0, g.pp_rank)
+    out: dict[str, torch.Tensor] = {}
+    for ps, p in shard.params():
+        local = p.detach().contiguous()
+        if ps.tp_dim is None or lay.tp == 1:
+            parts: list[torch.Tensor] | None = [local]
+        else:
+            parts = [torch.empty_like(local) for _ in range(lay.tp)] if g.tp_rank == 0 else None
+            dist.gather(local, parts, dst=lead, group=g.tp)
+        if parts is not None and ps.key not in out:
+            out[ps.key] = ps.from_locals([t.cpu() for t in parts])
+    return out if g.tp_rank == 0 else None
 
 
 def gather_canonical(shard: ModelShard) -> dict[str, torch.Tensor] | None:
     """All canonical tensors of the model, on the layout's first rank (None elsewhere).
 
-    Collective over the layout's ranks: tensor-parallel slices are gathered within each stage,
-    then dp replica 0 of every stage sends its stage to the first rank.
+    Collective over the layout's ranks: tensor-parallel slices are gathered within each stage of
+    dp replica 0, whose stage leaders then send their stages to the first rank.
     """
     if not shard.member:
         return None
     g = shard.groups
-    lay = shard.layout
-    stage: dict[str, torch.Tensor] = {}
-    for ps, p in shard.params():
-        parts = [torch.empty_like(p.data) for _ in range(lay.tp)]
-        dist.all_gather(parts, p.data.contiguous(), group=g.tp)
-        if ps.key not in stage:
-            stage[ps.key] = ps.from_locals([t.cpu() for t in parts])
-    assert lay.ranks is not None
-    first = lay.ranks[0]
-    if g.dp_rank == 0 and g.tp_rank == 0:
-        gathered: list[Any] = [None] * lay.pp
-        # stage leaders -> first rank, over the pipeline group of dp=0, tp=0 (it contains it)
-        dist.all_gather_object(gathered, stage, group=g.pp)
-        if g.rank == first:
-            out: dict[str, torch.Tensor] = {}
-            for part in gathered:
-                out.update(part)
-            return out
-    return None
+    if g.dp_rank != 0:
+        return None
+    stage = _gather_stage(shard)
+    if g.tp_rank != 0:
+        return None
+    gathered: list[Any] = [None] * shard.layout.pp
+    # The pipeline group of dp 0, tp 0 holds exactly the stage leaders and the first rank.
+    dist.all_gather_object(gathered, stage, group=g.pp)
+    if g.rank != shard.layout.rank_at(0, 0, 0):
+        return None
+    out: dict[str, torch.Tensor] = {}
+    for part in gathered:
+        for k, v in part.items():
+            out.setdefault(k, v)
+    return out
 
 
-def _atomic_dir(path: Path) -> Path:
+# ---- writing ------------------------------------------------------------------------------------
+def _temp_dir(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
 
@@ -288,24 +290,29 @@ def _swap_in(tmp: Path, path: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def write_hf(spec: ModelSpec, tensors: dict[str, torch.Tensor], path: str | Path) -> Path:
-    """Write canonical tensors as an HF checkpoint folder, atomically (a failed write keeps the old one)."""
+def _write_config(spec: ModelSpec, folder: Path, dtype: torch.dtype) -> None:
+    cfg = spec.to_hf_config()
+    cfg.architectures = [architecture(spec)]
+    cfg.dtype = dtype
+    cfg.save_pretrained(folder)
+
+
+def _save_tensors(spec: ModelSpec, tensors: dict[str, torch.Tensor], file: Path) -> dict[str, int]:
+    """Write canonical ``tensors`` as HF tensors to one safetensors file; name -> bytes."""
     from safetensors.torch import save_file
 
+    state = {k: v.detach().cpu().contiguous() for k, v in canonical_to_hf(spec, tensors).items()}
+    save_file(state, str(file), metadata={"format": "pt"})
+    return {k: v.numel() * v.element_size() for k, v in state.items()}
+
+
+def write_hf(spec: ModelSpec, tensors: dict[str, torch.Tensor], path: str | Path) -> Path:
+    """Write canonical tensors as an HF checkpoint folder, atomically (a failed write keeps the old one)."""
     path = Path(path)
-    tmp = _atomic_dir(path)
+    tmp = _temp_dir(path)
     try:
-        state = canonical_to_hf(spec, tensors)
-        if spec.head == "lm" and spec.tied_embeddings:
-            state.pop("lm_head.weight", None)
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in state.items()},
-            str(tmp / "model.safetensors"),
-            metadata={"format": "pt"},
-        )
-        cfg = spec.to_hf_config()
-        cfg.architectures = [_architecture(spec)]
-        cfg.save_pretrained(tmp)
+        _save_tensors(spec, tensors, tmp / SINGLE_FILE)
+        _write_config(spec, tmp, next(iter(tensors.values())).dtype)
         _swap_in(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -313,39 +320,106 @@ def write_hf(spec: ModelSpec, tensors: dict[str, torch.Tensor], path: str | Path
     return path
 
 
-def _architecture(spec: ModelSpec) -> str:
-    base = {"llama": "Llama", "qwen2": "Qwen2", "gpt2": "GPT2"}[spec.family]
-    if spec.head == "value":
-        return f"{base}ForSequenceClassification"
-    return "GPT2LMHeadModel" if spec.family == "gpt2" else f"{base}ForCausalLM"
+def _stage_file(stage: int, pp: int) -> str:
+    return SINGLE_FILE if pp == 1 else f"model-{stage + 1:05d}-of-{pp:05d}.safetensors"
 
 
-def save_hf(shard: ModelShard, path: str | Path) -> Path | None:
-    """Collectively write the sharded model as an HF checkpoint (by the layout's first rank)."""
-    tensors = gather_canonical(shard)
-    if tensors is None:
+def _finish(
+    spec: ModelSpec,
+    tmp: Path,
+    path: Path,
+    written: dict[str, tuple[str, int]],
+    pp: int,
+    dtype: torch.dtype,
+    copy_files_from: Path | None,
+) -> None:
+    """Add the index, config and side files to ``tmp``, then swap it in for ``path``."""
+    if pp > 1:
+        index = {
+            "metadata": {"total_size": sum(n for _, n in written.values())},
+            "weight_map": {name: file for name, (file, _) in sorted(written.items())},
+        }
+        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
+    _write_config(spec, tmp, dtype)
+    if copy_files_from is not None:
+        # Tokenizer and generation config travel with the weights; weights and config do not.
+        skip = {"config.json", INDEX_FILE}
+        for f in sorted(copy_files_from.iterdir()):
+            if f.is_file() and f.name not in skip and not f.name.endswith((".safetensors", ".bin")):
+                shutil.copy2(f, tmp / f.name)
+    _swap_in(tmp, path)
+
+
+def save_hf(shard: ModelShard, path: str | Path, copy_files_from: str | Path | None = None) -> Path | None:
+    """Write the sharded model as an HF checkpoint folder; every rank of the layout calls it.
+
+    dp replica 0 writes: each stage gathers its tensor-parallel slices on its tp rank 0, which
+    writes the stage's file (``model-0000k-of-0000n.safetensors`` plus an index when pp > 1)
+    into a temporary folder beside ``path``; the layout's first rank adds config.json (and the
+    non-weight files of ``copy_files_from``, e.g. a tokenizer) and swaps the folder in. Stage
+    writers must share a filesystem. A failure raises :class:`CheckpointError` on every rank
+    and leaves an existing ``path`` untouched. Returns ``path`` (None outside the layout).
+    """
+    if not shard.member:
         return None
-    return write_hf(shard.spec, tensors, path)
+    g, lay, spec = shard.groups, shard.layout, shard.spec
+    path = Path(path).absolute()
+    first = lay.rank_at(0, 0, 0)
+    box: list[Any] = [None]
+    if g.rank == first:
+        try:
+            box = [str(_temp_dir(path))]
+        except OSError as e:
+            box = [OSError(f"cannot create a folder beside {path}: {e}")]
+    dist.broadcast_object_list(box, src=first, group=g.all)
+    if isinstance(box[0], Exception):
+        raise CheckpointError(f"save_hf to {path} failed: {box[0]}")
+    tmp = Path(box[0])
+
+    status: tuple[str, Any] = ("ok", {})
+    stage = _gather_stage(shard) if g.dp_rank == 0 else None
+    if stage is not None:
+        if g.pp_rank > 0:
+            # A tied LM head on the last stage is a copy of the first stage's embedding.
+            stage.pop(WORD_EMBEDDINGS, None)
+        name = _stage_file(g.pp_rank, lay.pp)
+        try:
+            sizes = _save_tensors(spec, stage, tmp / name)
+            status = ("ok", {k: (name, n) for k, n in sizes.items()})
+        except Exception as e:  # reported to every rank below
+            status = ("error", f"rank {g.rank}: {type(e).__name__}: {e}")
+    statuses: list[Any] = [None] * lay.size
+    dist.all_gather_object(statuses, status, group=g.all)
+
+    errors = [s[1] for s in statuses if s[0] == "error"]
+    verdict: list[Any] = [errors]
+    if g.rank == first:
+        if not errors:
+            written: dict[str, tuple[str, int]] = {}
+            for s in statuses:
+                written.update(s[1])
+            dtype = next(p for _, p in shard.params()).dtype
+            src = Path(copy_files_from) if copy_files_from is not None else None
+            try:
+                _finish(spec, tmp, path, written, lay.pp, dtype, src)
+            except Exception as e:
+                errors.append(f"rank {g.rank}: {type(e).__name__}: {e}")
+        if errors:
+            shutil.rmtree(tmp, ignore_errors=True)
+        verdict = [errors]
+    dist.broadcast_object_list(verdict, src=first, group=g.all)
+    if verdict[0]:
+        raise CheckpointError(f"save_hf to {path} failed, nothing was replaced: {'; '.join(verdict[0])}")
+    return path
 
 
+# ---- transformers models ------------------------------------------------------------------------
 def hf_model(spec: ModelSpec, tensors: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
     """A transformers model of ``spec`` (fp32, eval mode), loaded with canonical ``tensors`` if given."""
     import transformers
 
-    cfg = spec.to_hf_config()
-    if spec.head == "value":
-        cls = {
-            "llama": transformers.LlamaForSequenceClassification,
-            "qwen2": transformers.Qwen2ForSequenceClassification,
-            "gpt2": transformers.GPT2ForSequenceClassification,
-        }[spec.family]
-    else:
-        cls = {
-            "llama": transformers.LlamaForCausalLM,
-            "qwen2": transformers.Qwen2ForCausalLM,
-            "gpt2": transformers.GPT2LMHeadModel,
-        }[spec.family]
-    model = cls(cfg).eval()
+    cls = getattr(transformers, architecture(spec))
+    model = cls(spec.to_hf_config()).eval()
     if tensors is not None:
         state = canonical_to_hf(spec, tensors)
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -360,7 +434,20 @@ def hf_model(spec: ModelSpec, tensors: dict[str, torch.Tensor] | None = None) ->
 
 
 def save_tiny_hf(spec: ModelSpec, path: str | Path, seed: int = 0) -> Path:
-    """A random HF checkpoint of ``spec`` (the same model ``random_canonical(spec, seed)`` gives)."""
+    """A random HF checkpoint of ``spec``, written by transformers' ``save_pretrained``.
+
+    Its weights are ``random_canonical(spec, seed)``: every tensor random, norms and biases
+    included, so a mis-mapped tensor shows in the outputs.
+    """
     from lightning_real.models.sharding import random_canonical
 
-    return write_hf(spec, random_canonical(spec, seed), path)
+    path = Path(path)
+    model = hf_model(spec, random_canonical(spec, seed))
+    tmp = _temp_dir(path)
+    try:
+        model.save_pretrained(tmp)
+        _swap_in(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
