@@ -10,7 +10,7 @@ or wrap them).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,6 @@ class RealContext:
     """Makes a role's parameters available on a layout (see runtime.pool.ModelPool.move)."""
     release: Callable[[str, Layout], None]
     """Drops a role's copy after a call."""
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def spec_of(source: ModelSource, head: str) -> ModelSpec:

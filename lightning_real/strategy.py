@@ -63,6 +63,8 @@ class RealStrategy(DDPStrategy):
         self.executor: Executor | None = None
         self.tracer: Tracer | None = None
         self.data_group: Any = None
+        self.last_events: list = []
+        """Every rank's timed events of the latest iteration (for breakdowns and benchmarks)."""
 
     # ---- Lightning hooks ------------------------------------------------------------------------
     @override
@@ -104,7 +106,7 @@ class RealStrategy(DDPStrategy):
             search_steps=self.search_steps,
         )
         self.plan = {name: lay.resolve(world) for name, lay in plan.layouts.items()}
-        calls = graph.topological_order() if hasattr(graph, "topological_order") else list(graph)
+        calls = graph.topological_order()
         # Group creation is collective: the same layouts, in the same order, on every rank.
         for call in calls:
             self.registry.for_layout(self.plan[call.name])

@@ -82,19 +82,18 @@ def spawn(
                 join=True,
                 start_method="spawn",
             )
-        except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
+        except (mp.ProcessRaisedException, mp.ProcessExitedException):
             # Report the first rank's own error (the others usually fail on its absence).
             for r in range(world_size):
-                f = Path(out_dir) / f"rank{r}.pkl"
-                if f.exists():
-                    status, value = pickle.loads(f.read_bytes())
-                    if status != "ok":
-                        raise RuntimeError(f"rank {r} failed: {value}") from e
+                if (Path(out_dir) / f"rank{r}.pkl").exists():
+                    _result(out_dir, r)
             raise
-        results = []
-        for r in range(world_size):
-            status, value = pickle.loads((Path(out_dir) / f"rank{r}.pkl").read_bytes())
-            if status != "ok":
-                raise RuntimeError(f"rank {r} failed: {value}")
-            results.append(value)
-        return results
+        return [_result(out_dir, r) for r in range(world_size)]
+
+
+def _result(out_dir: str, rank: int) -> Any:
+    """A rank's return value, or the rank's own error raised here."""
+    status, value = pickle.loads((Path(out_dir) / f"rank{rank}.pkl").read_bytes())
+    if status != "ok":
+        raise RuntimeError(f"rank {rank} failed: {value}")
+    return value

@@ -11,7 +11,7 @@ import contextlib
 import json
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -129,8 +129,3 @@ def to_chrome_trace(events: list[Event], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"traceEvents": trace, "displayTimeUnit": "ms"}))
     return path
-
-
-def events_to_dicts(events: list[Event]) -> list[dict[str, Any]]:
-    """Plain dicts (for logging or tests)."""
-    return [asdict(e) for e in events]
