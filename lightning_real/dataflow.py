@@ -521,36 +521,24 @@ def dpo_graph(batch_size: int, n_mbs: int | Mapping[str, int] = 1, seq_len: int 
     return _finish(calls, PAIR_SOURCES, "dpo", n_mbs)
 
 
+def _train_only_graph(
+    name: str, call: str, role: str, sources: tuple[str, ...], batch_size: int, n_mbs: int, seq_len: int
+) -> DataflowGraph:
+    """A graph of one training call that reads only source keys (SFT, reward modelling)."""
+    mfc = MFC(
+        call, role, "train", sources, (), batch_size=batch_size, n_mbs=n_mbs, prompt_len=seq_len, gen_len=0
+    )
+    return DataflowGraph([mfc], sources, name=name)
+
+
 def sft_graph(batch_size: int, n_mbs: int = 1, seq_len: int = 256) -> DataflowGraph:
     """Supervised fine-tuning: one ``actor_train`` call on prompt + response sequences."""
-    call = MFC(
-        "actor_train",
-        "actor",
-        "train",
-        SFT_SOURCES,
-        (),
-        batch_size=batch_size,
-        n_mbs=n_mbs,
-        prompt_len=seq_len,
-        gen_len=0,
-    )
-    return DataflowGraph([call], SFT_SOURCES, name="sft")
+    return _train_only_graph("sft", "actor_train", "actor", SFT_SOURCES, batch_size, n_mbs, seq_len)
 
 
 def rw_graph(batch_size: int, n_mbs: int = 1, seq_len: int = 256) -> DataflowGraph:
     """Reward-model training on preference pairs: one ``rew_train`` call (Bradley-Terry loss)."""
-    call = MFC(
-        "rew_train",
-        "reward",
-        "train",
-        PAIR_SOURCES,
-        (),
-        batch_size=batch_size,
-        n_mbs=n_mbs,
-        prompt_len=seq_len,
-        gen_len=0,
-    )
-    return DataflowGraph([call], PAIR_SOURCES, name="rw")
+    return _train_only_graph("rw", "rew_train", "reward", PAIR_SOURCES, batch_size, n_mbs, seq_len)
 
 
 GRAPHS = {
