@@ -8,6 +8,10 @@ is ``d..t..p..``. Ranks are ``a-b`` ranges and single ranks joined by commas (``
 Within a layout, local index ``i`` (position in ``ranks``) maps to coordinates with tensor
 parallel fastest, then data parallel, then pipeline parallel, as megatron-core orders them
 by default (``tp-dp-pp``): ``tp = i % tp``, ``dp = (i // tp) % dp``, ``pp = i // (tp * dp)``.
+
+Ranks must be listed in increasing order. torch.distributed numbers the members of a group by
+increasing global rank, and megatron-core splits heads and vocabulary by that group-local rank;
+increasing ranks make it equal to the layout's tp (and dp, pp) coordinate in every group.
 """
 
 from __future__ import annotations
@@ -68,7 +72,7 @@ class Layout:
     pp: int
     """Pipeline-parallel degree: the layers are split into this many consecutive stages."""
     ranks: tuple[int, ...] | None = None
-    """Global ranks used, in layout order; ``None`` means every rank of the world."""
+    """Global ranks used, in increasing order; ``None`` means every rank of the world."""
 
     def __post_init__(self) -> None:
         for name in ("dp", "tp", "pp"):
@@ -80,6 +84,13 @@ class Layout:
                 raise LayoutError(f"layout {self}: a rank appears twice in {self.ranks}")
             if any(r < 0 for r in self.ranks):
                 raise LayoutError(f"layout {self}: ranks must be >= 0")
+            if list(self.ranks) != sorted(self.ranks):
+                raise LayoutError(
+                    f"layout {self}: the ranks after '@' must be in increasing order, got {format_ranks(self.ranks)}; "
+                    f"allowed: increasing ranks such as '{format_ranks(tuple(sorted(self.ranks)))}' "
+                    "(process groups number their members by increasing rank, so another order "
+                    "would not match the layout's tensor/pipeline coordinates)"
+                )
             if len(self.ranks) != self.size:
                 raise LayoutError(
                     f"layout {self}: dp*tp*pp = {self.dp}*{self.tp}*{self.pp} = {self.size} "

@@ -1,5 +1,6 @@
 """Layout checks and per-layout process groups beyond ``test_layout_groups.py``: every group kind's
-membership on 4 gloo ranks, group sharing between layouts, query-head and rank-range errors."""
+membership on 4 gloo ranks, group-local ranks equal to layout coordinates, group sharing between
+layouts, query-head, rank-range and rank-order errors."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from lightning_real.distributed.launch import spawn
 from lightning_real.layout import Layout, LayoutError, format_ranks
 from lightning_real.models.spec import tiny_spec
 
-LAYOUTS = ["d2t2p1", "d1t2p2", "d2t1p2", "d1t1p2@2-3"]
+LAYOUTS = ["d2t2p1", "d1t2p2", "d2t1p2", "d1t1p2@2-3", "d1t2p1@1,3"]
 
 
 def test_query_heads_must_split_over_tp():
@@ -24,6 +25,19 @@ def test_query_heads_must_split_over_tp():
 def test_validate_checks_ranks_against_the_world():
     with pytest.raises(LayoutError, match=r"ranks \[4, 5\] are out of range for world size 4"):
         Layout.parse("d1t2p1@4-5").validate(4, tiny_spec("llama"))
+
+
+@pytest.mark.parametrize("text", ["d1t2p1@1,0", "d2t2p1@0-1,4,3", "d1t1p2@3,2"])
+def test_ranks_must_increase(text):
+    """Groups number their members by increasing rank: a reordered list would not match the
+    layout's coordinates (megatron would split heads and vocabulary by the group's order)."""
+    with pytest.raises(
+        LayoutError, match=r"the ranks after '@' must be in increasing order, got .*; allowed"
+    ):
+        Layout.parse(text)
+    with pytest.raises(LayoutError, match="increasing order"):
+        Layout(1, 2, 1, (3, 2))
+    assert Layout.parse("d1t2p2@0,2,4,6").ranks == (0, 2, 4, 6)
 
 
 def test_format_ranks():
@@ -45,6 +59,9 @@ def _world(rank: int, world: int) -> dict:
         kinds = ("tp", "dp", "pp", "mp", "embd", "pos_embd", "all")
         out[text] = {k: _members(getattr(g, k)) for k in kinds}
         out[text]["first_last"] = (g.is_first_stage, g.is_last_stage)
+        if g.member:
+            # megatron splits by the group-local rank; it must be the layout's coordinate
+            out[text]["local"] = tuple(dist.get_rank(getattr(g, k)) for k in ("dp", "tp", "pp"))
         if not g.member:
             try:
                 g.pg_collection()
@@ -83,4 +100,5 @@ def test_every_group_kind_has_the_layouts_members():
             assert got["pos_embd"] == ((pipe[0],) if stage == 0 else None), (text, rank)
             assert got["all"] == tuple(sorted(lay.ranks)), (text, rank)
             assert got["first_last"] == (stage == 0, stage == lay.pp - 1)
+            assert got["local"] == lay.coords(rank), (text, rank)
     assert results[0]["shared_tp"] is True and results[1]["shared_tp"] is True

@@ -16,6 +16,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+BACKEND_ENV = "LIGHTNING_REAL_BACKEND"
+"""Environment variable that fixes :func:`spawn`'s default backend (the CPU tests set gloo)."""
+
 
 def free_port() -> int:
     """A TCP port that is free on the loopback interface right now."""
@@ -68,9 +71,14 @@ def spawn(
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` processes; return each rank's result.
 
-    ``backend`` defaults to NCCL when enough GPUs are present, gloo otherwise. Collectives time out
-    after ``timeout_s`` so a mismatched program fails instead of hanging. Results must pickle.
+    ``backend`` defaults to ``$LIGHTNING_REAL_BACKEND`` when set, else NCCL when enough GPUs are
+    present, gloo otherwise. Collectives time out after ``timeout_s`` so a mismatched program
+    fails instead of hanging. Results must pickle.
     """
+    if backend is None:
+        backend = os.environ.get(BACKEND_ENV) or None
+    if backend not in (None, "gloo", "nccl"):
+        raise ValueError(f"spawn backend={backend!r}; allowed: 'gloo', 'nccl' or None (pick by hardware)")
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world_size else "gloo"
     with tempfile.TemporaryDirectory(prefix="lreal-spawn-") as out_dir:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -110,6 +111,49 @@ class ValueHead(nn.Module):
         return F.linear(x, self.weight), None
 
 
+def mask_padded_logits(
+    module: nn.Module, args: tuple, output: tuple, spec: ModelSpec, tp: int, tp_rank: int
+) -> tuple:
+    """Forward hook of the LM head: logits of padding columns become -inf.
+
+    Softmax, log-probabilities, entropy and sampling then give them no mass on the rank that
+    holds them, with every slice keeping its width (vocab-parallel collectives need equal ones).
+    """
+    logits, bias = output
+    width = logits.shape[-1]
+    # A gathered output (tp == 1, or runtime_gather_output) holds every column from token 0.
+    lo, hi = (0, spec.vocab_size) if width == spec.padded_vocab_size(tp) else spec.vocab_range(tp, tp_rank)
+    if hi - lo == width:
+        return output
+    pad = torch.arange(width, device=logits.device) >= hi - lo
+    return logits.masked_fill(pad, float("-inf")), bias
+
+
+@torch.no_grad()
+def zero_vocab_padding_(model: nn.Module, spec: ModelSpec, tp: int, tp_rank: int) -> None:
+    """Zero this rank's padding rows of the embedding and LM head.
+
+    They get no gradient, but must be finite: ``0 * nan`` in the head's backward would spread.
+    """
+    lo, hi = spec.vocab_range(tp, tp_rank)
+    names = ["embedding.word_embeddings.weight"] + (["output_layer.weight"] if spec.head == "lm" else [])
+    params = dict(model.named_parameters())
+    for name in names:
+        if name in params:
+            params[name][hi - lo :].zero_()
+
+
+def _pad_vocab(model: nn.Module, spec: ModelSpec, groups: LayoutGroups) -> None:
+    """Zero the padding rows and mask their logits (nothing to do without padding)."""
+    tp = groups.layout.tp
+    if spec.padded_vocab_size(tp) == spec.vocab_size:
+        return
+    zero_vocab_padding_(model, spec, tp, groups.tp_rank)
+    if spec.head == "lm" and groups.is_last_stage:
+        hook = functools.partial(mask_padded_logits, spec=spec, tp=tp, tp_rank=groups.tp_rank)
+        model.output_layer.register_forward_hook(hook)
+
+
 def build_gpt(
     spec: ModelSpec, groups: LayoutGroups, seed: int = 0, dtype: torch.dtype = torch.float32
 ) -> nn.Module:
@@ -149,7 +193,7 @@ def build_gpt(
         model = GPTModel(
             config=config,
             transformer_layer_spec=layer_spec,
-            vocab_size=spec.vocab_size,
+            vocab_size=spec.padded_vocab_size(groups.layout.tp),
             max_sequence_length=spec.max_position_embeddings,
             pre_process=groups.is_first_stage,
             post_process=groups.is_last_stage,
@@ -161,6 +205,7 @@ def build_gpt(
         )
     if spec.head == "value" and groups.is_last_stage:
         model.output_layer = ValueHead(spec.hidden_size, dtype)
+    _pad_vocab(model, spec, groups)
     if has_cuda():
         model = model.cuda()
     return model

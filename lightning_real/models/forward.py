@@ -89,13 +89,17 @@ def forward_logits(
     n_mbs: int = 1,
     segment_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Full-vocabulary logits [b, s, V] on every rank of the replica (tests, debugging)."""
+    """Full-vocabulary logits [b, s, V] on every rank of the replica (tests, debugging).
+
+    ``V`` is the model's vocabulary: the padding columns of a padded one are dropped.
+    """
     g = shard.groups
+    vocab = shard.spec.vocab_size
 
     def fn(out: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
-        return gather_vocab(out, g.tp)
+        return gather_vocab(out, g.tp, vocab)
 
-    return _run(shard, input_ids, pad_mask, n_mbs, segment_ids, fn, shard.spec.vocab_size, torch.float32)
+    return _run(shard, input_ids, pad_mask, n_mbs, segment_ids, fn, vocab, torch.float32)
 
 
 def forward_logprobs(

@@ -126,16 +126,23 @@ def _check_inputs(
 
 
 # ---- sampling -------------------------------------------------------------------------------------
-def _replica_seed(shard: ModelShard, seed: int | None, device: torch.device) -> int:
-    """One seed shared by the replica's ranks, different per data-parallel replica."""
+def _replica_seed(shard: ModelShard, seed: int | None, device: torch.device, per_row: bool = False) -> int:
+    """One seed shared by the replica's ranks; different per data-parallel replica unless ``per_row``
+    (then rows carry their own streams, keyed by their global index)."""
     g = shard.groups
     if seed is None:
         t = torch.randint(0, 2**62, (1,), dtype=torch.long).to(device)
         if shard.layout.tp * shard.layout.pp > 1:
             dist.broadcast(t, shard.layout.rank_at(g.dp_rank, 0, 0), group=g.mp)
         seed = int(t.item())
-    # Odd 64-bit multiplier: distinct (seed, replica) pairs give distinct streams.
-    return (seed * 0x9E3779B97F4A7C15 + g.dp_rank) % (2**63)
+    if per_row:
+        return seed % (2**63)
+    return _mix(seed, g.dp_rank)
+
+
+def _mix(seed: int, index: int) -> int:
+    # Odd 64-bit multiplier: distinct (seed, index) pairs give distinct streams.
+    return (seed * 0x9E3779B97F4A7C15 + index) % (2**63)
 
 
 class VocabParallelSampler:
@@ -153,6 +160,7 @@ class VocabParallelSampler:
         seed: int,
         device: torch.device,
         tp_group: Any = None,
+        rows: tuple[int, int] | None = None,
     ) -> None:
         self.cfg = config
         self.vocab = vocab_size
@@ -160,6 +168,21 @@ class VocabParallelSampler:
         self.tp = 1 if tp_group is None else dist.get_world_size(tp_group)
         self.tp_rank = 0 if tp_group is None else dist.get_rank(tp_group)
         self.gen = torch.Generator(device=device).manual_seed(seed)
+        # One stream per global row index: a row's draws do not depend on which replica holds it.
+        self.row_gens = (
+            None
+            if rows is None
+            else [torch.Generator(device=device).manual_seed(_mix(seed, r)) for r in range(*rows)]
+        )
+
+    def _noise(self, b: int, device: torch.device) -> torch.Tensor:
+        """``log E`` with ``E ~ Exp(1)`` for every row and every token id of the full vocabulary."""
+        if self.row_gens is None:
+            return torch.empty(b, self.vocab, device=device).exponential_(generator=self.gen).log_()
+        if len(self.row_gens) != b:
+            raise RuntimeError(f"sampler made for {len(self.row_gens)} rows got {b}")
+        rows = [torch.empty(self.vocab, device=device).exponential_(generator=g) for g in self.row_gens]
+        return torch.stack(rows).log_()
 
     def _gather(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate every tp rank's ``x`` along the last dimension."""
@@ -173,7 +196,8 @@ class VocabParallelSampler:
         """``logits`` [b, V/tp] (this rank's slice) -> (tokens [b], log-probs [b] at the temperature)."""
         cfg = self.cfg
         b, width = logits.shape
-        if width * self.tp != self.vocab:
+        # A padded vocabulary's slices reach past the vocabulary; its padding logits are -inf.
+        if width * self.tp < self.vocab:
             raise RuntimeError(
                 f"logit slice of width {width} x tp={self.tp} does not cover vocab {self.vocab}"
             )
@@ -182,7 +206,7 @@ class VocabParallelSampler:
         noise = None
         if not cfg.greedy:
             # Full-vocabulary noise indexed by global token id: the draw does not depend on tp.
-            noise = torch.empty(b, self.vocab, device=z.device).exponential_(generator=self.gen).log_()
+            noise = torch.nn.functional.pad(self._noise(b, z.device), (0, width * self.tp - self.vocab))
         if cfg.greedy or (cfg.top_k == 0 and cfg.top_p == 1.0):
             # Gumbel-max: argmax(z - log E) is a draw from softmax(z); each rank offers its best.
             score = z if noise is None else z - noise[:, lo : lo + width]
@@ -229,7 +253,8 @@ class VocabParallelSampler:
         z = z - top[:, None]
         local = tokens - lo
         inside = (local >= 0) & (local < z.shape[-1])
-        picked = z.gather(-1, local.clamp(0, z.shape[-1] - 1)[:, None]).squeeze(-1) * inside
+        picked = z.gather(-1, local.clamp(0, z.shape[-1] - 1)[:, None]).squeeze(-1)
+        picked = torch.where(inside, picked, torch.zeros_like(picked))  # may be a -inf padding column
         # One all-reduce for both sums: the picked logit lives on exactly one rank.
         sums = torch.stack([picked, z.exp().sum(-1)], 0)
         if self.tp > 1:
@@ -275,13 +300,22 @@ def _keep_vocab_split(module: torch.nn.Module, args: tuple, kwargs: dict) -> tup
 
 # ---- generation -----------------------------------------------------------------------------------
 def generate(
-    shard: ModelShard, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, config: GenerationConfig
+    shard: ModelShard,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    config: GenerationConfig,
+    row_offset: int | None = None,
 ) -> GenerationOutput:
     """Extend left-padded prompts [b, s] by up to ``config.max_new_tokens`` tokens.
 
     Every rank of one data-parallel replica calls this with the same prompts; every one of
     them gets the same output. Stops early once every row has produced an EOS (the output
     keeps its full width, padded).
+
+    ``row_offset``: the global index of this replica's first row. Given, every row samples from
+    its own stream seeded by (seed, global row index), so a batch draws the same tokens under
+    any layout, data-parallel degree included (RLHF runs rely on it to compare plans). None:
+    one stream per replica (faster with many rows).
     """
     _check_inputs(shard, prompt_ids, prompt_mask, config)
     g, lay = shard.groups, shard.layout
@@ -295,9 +329,13 @@ def generate(
     new = config.max_new_tokens
     last = g.is_last_stage
     # Collective when seed is None: every rank of the replica takes part, not only the samplers.
-    seed = 0 if config.greedy else _replica_seed(shard, config.seed, device)
+    per_row = row_offset is not None
+    seed = 0 if config.greedy else _replica_seed(shard, config.seed, device, per_row)
     tp_group = g.tp if lay.tp > 1 else None
-    sampler = VocabParallelSampler(config, shard.spec.vocab_size, seed, device, tp_group) if last else None
+    rows = (row_offset, row_offset + b) if per_row and not config.greedy else None
+    sampler = (
+        VocabParallelSampler(config, shard.spec.vocab_size, seed, device, tp_group, rows) if last else None
+    )
     last_rank = lay.rank_at(g.dp_rank, g.tp_rank, lay.pp - 1)
     eos = torch.tensor(config.eos_ids, dtype=torch.long, device=device)
 

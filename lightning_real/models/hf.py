@@ -6,6 +6,10 @@
   each stage writes its own file; transformers' ``from_pretrained`` loads the folder;
 * :func:`save_tiny_hf` writes a small random checkpoint with transformers (tests, demos).
 
+Checkpoints always hold the HF vocabulary: a layout whose tp does not divide it (or a spec with
+``pad_vocab_to_multiple_of``) pads the embedding and LM head with zero rows on import, and
+the padding is dropped again when tensors are gathered for export.
+
 Tensor-level conversion lives in :mod:`lightning_real.models.hf_convert`. LM heads map to
 ``*ForCausalLM`` / ``GPT2LMHeadModel``; value heads (critic, reward) to the family's
 ``*ForSequenceClassification`` (``score.weight``, one label), applied per token.
@@ -19,7 +23,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -206,14 +210,16 @@ def load_hf(
     head: Head = "lm",
     dtype: torch.dtype = torch.float32,
     init_value_head: bool = False,
+    pad_vocab_to_multiple_of: int = 1,
 ) -> ModelShard:
     """Build this rank's shard of the checkpoint at ``path`` under ``groups.layout``.
 
     Every rank of the layout calls it (model construction is collective); each reads only the
     tensors of its own pipeline stage, one at a time. Ranks outside the layout get an empty
-    shard. ``init_value_head``: see :meth:`HFCheckpoint.open`.
+    shard. ``init_value_head``: see :meth:`HFCheckpoint.open`. ``pad_vocab_to_multiple_of``:
+    see :class:`ModelSpec`; the checkpoint's vocabulary rows are padded with zeros.
     """
-    spec = read_spec(path, head)
+    spec = replace(read_spec(path, head), pad_vocab_to_multiple_of=pad_vocab_to_multiple_of)
     ckpt = HFCheckpoint.open(path, spec, init_value_head)
     shard = ModelShard.build(spec, groups, dtype=dtype)
     if shard.module is None:

@@ -14,6 +14,12 @@ equal contiguous chunks:
   split on dim 1;
 * column-parallel weights (vocab, fc1) split dim 0, row-parallel ones (proj, fc2) split dim 1;
 * norms, row-parallel biases, learned positions and the value head are replicated.
+
+Vocabulary rows (embedding, LM head) are padded per layout to a multiple of
+``spec.pad_vocab_to_multiple_of * tp`` (:meth:`ModelSpec.padded_vocab_size`): tp rank ``r`` holds
+rows ``[r * P/tp, (r+1) * P/tp)`` of the padded matrix, of which only those below the vocabulary
+size are canonical rows; the rest are zero on the rank. Canonical tensors keep the unpadded HF
+shape, so every layout (and the HF checkpoint) agrees on them however it pads.
 """
 
 from __future__ import annotations
@@ -45,27 +51,44 @@ class ParamSpec:
     """Shape the canonical tensor is viewed as before splitting over tensor-parallel ranks."""
     tp_dim: int | None
     """Dimension of the view split into tp chunks; None when every tp rank holds it all."""
+    pad_multiple: int | None = None
+    """Vocabulary rows: ``tp_dim`` is padded to a multiple of ``pad_multiple * tp`` on each
+    layout (zero rows after the canonical ones); None for every other parameter."""
+
+    def split_length(self, tp: int) -> int:
+        """Length of ``tp_dim`` of the view once padded for ``tp`` (the view's own when unpadded)."""
+        assert self.tp_dim is not None
+        n = self.view_shape[self.tp_dim]
+        if self.pad_multiple is None:
+            return n
+        m = self.pad_multiple * tp
+        return -(-n // m) * m
 
     def local_shape(self, tp: int) -> tuple[int, ...]:
-        """Shape of the parameter on one tensor-parallel rank."""
+        """Shape of the parameter on one tensor-parallel rank (padding included)."""
         if self.tp_dim is None:
             return self.canonical_shape
         view = list(self.view_shape)
-        view[self.tp_dim] //= tp
+        view[self.tp_dim] = self.split_length(tp) // tp
         if self.view_shape == self.canonical_shape:
             return tuple(view)
         # A reshaped view (SwiGLU fc1) always splits the canonical tensor's leading dimension.
         return (math.prod(view) // math.prod(self.canonical_shape[1:]), *self.canonical_shape[1:])
 
     def chunk(self, tp_rank: int, tp: int) -> tuple[int, int]:
-        """``[start, stop)`` along ``tp_dim`` of the view held by ``tp_rank``."""
+        """``[start, stop)`` along ``tp_dim`` of the canonical view held by ``tp_rank``.
+
+        With padding the chunk is cut at the padded boundaries and clipped to the canonical
+        length: it can be shorter than the local tensor, or empty.
+        """
         if self.tp_dim is None:
             return 0, self.view_shape[0] if self.view_shape else 1
-        size = self.view_shape[self.tp_dim] // tp
-        return tp_rank * size, (tp_rank + 1) * size
+        n = self.view_shape[self.tp_dim]
+        size = self.split_length(tp) // tp
+        return min(tp_rank * size, n), min((tp_rank + 1) * size, n)
 
     def to_local(self, canonical: torch.Tensor, tp_rank: int, tp: int) -> torch.Tensor:
-        """The slice of ``canonical`` held by ``tp_rank`` (a new contiguous tensor)."""
+        """The slice of ``canonical`` held by ``tp_rank`` (a new contiguous tensor, padding zero)."""
         if tuple(canonical.shape) != self.canonical_shape:
             raise ValueError(
                 f"{self.key}: expected a tensor of shape {self.canonical_shape}, got {tuple(canonical.shape)}"
@@ -74,16 +97,24 @@ class ParamSpec:
             return canonical.clone()
         lo, hi = self.chunk(tp_rank, tp)
         part = canonical.reshape(self.view_shape).narrow(self.tp_dim, lo, hi - lo)
-        return part.contiguous().reshape(self.local_shape(tp))
+        if self.pad_multiple is None:
+            return part.contiguous().reshape(self.local_shape(tp))
+        out = canonical.new_zeros(self.local_shape(tp))
+        out.narrow(self.tp_dim, 0, hi - lo).copy_(part)
+        return out
 
     def from_locals(self, parts: list[torch.Tensor]) -> torch.Tensor:
-        """Reassemble the canonical tensor from the slices of tp ranks 0..tp-1."""
+        """Reassemble the canonical tensor from the slices of tp ranks 0..tp-1 (padding dropped)."""
         if self.tp_dim is None:
             return parts[0].clone()
         tp = len(parts)
         view = list(self.view_shape)
-        view[self.tp_dim] //= tp
-        return torch.cat([p.reshape(view) for p in parts], dim=self.tp_dim).reshape(self.canonical_shape)
+        view[self.tp_dim] = self.split_length(tp) // tp
+        kept = []
+        for r, p in enumerate(parts):
+            lo, hi = self.chunk(r, tp)
+            kept.append(p.reshape(view).narrow(self.tp_dim, 0, hi - lo))
+        return torch.cat(kept, dim=self.tp_dim).reshape(self.canonical_shape)
 
 
 def _layer_params(spec: ModelSpec, g: int, local: int) -> list[ParamSpec]:
@@ -127,8 +158,9 @@ def stage_param_specs(spec: ModelSpec, pp: int, stage: int) -> list[ParamSpec]:
     h, v = spec.hidden_size, spec.vocab_size
     out: list[ParamSpec] = []
     first, last = stage == 0, stage == pp - 1
+    m = spec.pad_vocab_to_multiple_of
     if first:
-        out.append(ParamSpec(WORD_EMBEDDINGS, WORD_EMBEDDINGS, (v, h), (v, h), 0))
+        out.append(ParamSpec(WORD_EMBEDDINGS, WORD_EMBEDDINGS, (v, h), (v, h), 0, m))
         if spec.learned_positions:
             pos = "embedding.position_embeddings.weight"
             shape = (spec.max_position_embeddings, h)
@@ -142,11 +174,11 @@ def stage_param_specs(spec: ModelSpec, pp: int, stage: int) -> list[ParamSpec]:
         if spec.head == "value":
             out.append(ParamSpec("output_layer.weight", "output_layer.weight", (1, h), (1, h), None))
         elif not spec.tied_embeddings:
-            out.append(ParamSpec("output_layer.weight", "output_layer.weight", (v, h), (v, h), 0))
+            out.append(ParamSpec("output_layer.weight", "output_layer.weight", (v, h), (v, h), 0, m))
         elif not first:
             # Tied weights on a separate last stage: megatron keeps a copy there, kept equal by
             # an all-reduce of gradients over the embedding group.
-            out.append(ParamSpec("output_layer.weight", WORD_EMBEDDINGS, (v, h), (v, h), 0))
+            out.append(ParamSpec("output_layer.weight", WORD_EMBEDDINGS, (v, h), (v, h), 0, m))
     return out
 
 

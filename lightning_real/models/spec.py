@@ -18,7 +18,7 @@ class ModelSpec:
     """HF model family: 'llama' (RMSNorm, SwiGLU, RoPE, GQA), 'qwen2' (llama + qkv bias), 'gpt2'
     (LayerNorm, GELU-tanh, learned positions, tied embeddings, biases everywhere)."""
     vocab_size: int
-    """Vocabulary size (rows of the embedding)."""
+    """Vocabulary size: token ids, and rows of the HF embedding and output matrices."""
     hidden_size: int
     """Model width."""
     num_layers: int
@@ -39,6 +39,9 @@ class ModelSpec:
     """Output projection shares the input embedding matrix."""
     head: Literal["lm", "value"] = "lm"
     """'lm' predicts next-token logits (actor, reference); 'value' a scalar per token (critic, reward)."""
+    pad_vocab_to_multiple_of: int = 1
+    """Each layout builds the vocabulary padded to a multiple of this times its tp (megatron's
+    ``make_vocab_size_divisible_by``); the padding rows are zero and their logits -inf."""
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -48,6 +51,10 @@ class ModelSpec:
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"ModelSpec: hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}"
+            )
+        if not isinstance(self.pad_vocab_to_multiple_of, int) or self.pad_vocab_to_multiple_of < 1:
+            raise ValueError(
+                f"ModelSpec.pad_vocab_to_multiple_of={self.pad_vocab_to_multiple_of!r}; allowed: an integer >= 1"
             )
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
@@ -79,6 +86,22 @@ class ModelSpec:
     def learned_positions(self) -> bool:
         """Absolute learned position embeddings rather than RoPE."""
         return self.family == "gpt2"
+
+    def padded_vocab_size(self, tp: int = 1) -> int:
+        """Rows of the embedding and output matrices built for tensor-parallel degree ``tp``.
+
+        Tensor parallelism splits the vocabulary into ``tp`` equal slices, so it is rounded up to
+        a multiple of ``pad_vocab_to_multiple_of * tp`` (GPT-2's 50257 is odd).
+        """
+        m = self.pad_vocab_to_multiple_of * tp
+        return -(-self.vocab_size // m) * m
+
+    def vocab_range(self, tp: int, tp_rank: int) -> tuple[int, int]:
+        """Token ids ``[lo, hi)`` held by tensor-parallel rank ``tp_rank``; the rest of its slice
+        is padding (a rank may hold padding only when the multiple exceeds the vocabulary)."""
+        rows = self.padded_vocab_size(tp) // tp
+        lo = min(tp_rank * rows, self.vocab_size)
+        return lo, min(lo + rows, self.vocab_size)
 
     def with_head(self, head: Literal["lm", "value"]) -> ModelSpec:
         """Same trunk with another head; value heads never tie embeddings."""

@@ -2,6 +2,10 @@
 
 megatron-core's ``vocab_parallel_cross_entropy`` reads its process-wide tensor-parallel group;
 models here carry their own groups, so these versions take the group explicitly.
+
+Padding columns of a padded vocabulary arrive as -inf (see :func:`lightning_real.models.build.
+mask_padded_logits`): they get no probability mass, and nothing here multiplies them, so they
+produce no NaN in values or gradients.
 """
 
 from __future__ import annotations
@@ -53,16 +57,19 @@ def _shifted(logits: torch.Tensor, group: Any) -> torch.Tensor:
 def vocab_parallel_logprobs(logits: torch.Tensor, labels: torch.Tensor, tp_group: Any) -> torch.Tensor:
     """``log softmax(logits)[labels]`` for logits split over the vocabulary, ``[b, s]`` fp32.
 
-    ``logits`` is this rank's ``[b, s, V/tp]`` slice (tp rank r holds columns r*V/tp ...);
-    ``labels`` holds global token ids. Every tp rank gets the same result and gradients flow to
-    each rank's own slice. ``tp_group`` None means the logits are complete.
+    ``logits`` is this rank's ``[b, s, P/tp]`` slice of the (padded) vocabulary, tp rank r
+    holding columns r*P/tp ...; ``labels`` holds global token ids. Every tp rank gets the same
+    result and gradients flow to each rank's own slice. ``tp_group`` None means the logits are
+    complete.
     """
     z = _shifted(logits, tp_group)
     part = z.shape[-1]
     lo = 0 if tp_group is None else dist.get_rank(tp_group) * part
     local = labels - lo
     inside = (local >= 0) & (local < part)
-    picked = z.gather(-1, local.clamp(0, part - 1).unsqueeze(-1)).squeeze(-1) * inside
+    picked = z.gather(-1, local.clamp(0, part - 1).unsqueeze(-1)).squeeze(-1)
+    # A label held elsewhere may be clamped onto a -inf padding column: select, do not multiply.
+    picked = torch.where(inside, picked, torch.zeros_like(picked))
     target = _tp_sum(picked, tp_group)
     sumexp = _tp_sum(z.exp().sum(-1), tp_group)
     return target - sumexp.log()
@@ -73,16 +80,21 @@ def vocab_parallel_entropy(logits: torch.Tensor, tp_group: Any) -> torch.Tensor:
     z = _shifted(logits, tp_group)
     e = z.exp()
     sumexp = _tp_sum(e.sum(-1), tp_group)
-    weighted = _tp_sum((e * z).sum(-1), tp_group)
+    # p log p -> 0 for masked (-inf) columns; 0 * -inf would be NaN, in the backward too.
+    finite_z = z.masked_fill(z == float("-inf"), 0.0)
+    weighted = _tp_sum((e * finite_z).sum(-1), tp_group)
     # H = log S - sum_j p_j z_j with z shifted by a constant (which H does not depend on).
     return sumexp.log() - weighted / sumexp
 
 
-def gather_vocab(logits: torch.Tensor, group: Any = None) -> torch.Tensor:
-    """Full-vocabulary logits from the tensor-parallel slices (tests and debugging only)."""
+def gather_vocab(logits: torch.Tensor, group: Any = None, vocab_size: int | None = None) -> torch.Tensor:
+    """Full-vocabulary logits from the tensor-parallel slices (tests and debugging only).
+
+    ``vocab_size``: keep only the first ``vocab_size`` columns (drops a padded vocabulary's padding).
+    """
     tp = 1 if group is None else dist.get_world_size(group)
-    if tp == 1:
-        return logits
-    parts = [torch.empty_like(logits) for _ in range(tp)]
-    dist.all_gather(parts, logits.contiguous(), group=group)
-    return torch.cat(parts, -1)
+    if tp > 1:
+        parts = [torch.empty_like(logits) for _ in range(tp)]
+        dist.all_gather(parts, logits.contiguous(), group=group)
+        logits = torch.cat(parts, -1)
+    return logits if vocab_size is None else logits[..., :vocab_size]

@@ -7,6 +7,8 @@ size, so each such *class* is worked out once, in units of ``1 / lcm(tp_src, tp_
 split dimension, and scaled by the class's total size. The rules are the plan's own (a local
 copy where the destination rank holds the bytes, a sender on the receiver's node when one
 holds them), so the totals agree with :func:`plan_realloc` exactly; a test checks this.
+Vocabulary rows are counted one row at a time: a padded vocabulary's chunk edges depend on each
+layout's padding, not on a common fraction of the tensor.
 """
 
 from __future__ import annotations
@@ -49,20 +51,40 @@ def _stage_sets(spec: ModelSpec, pp: int) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v) for k, v in out.items()}
 
 
-@lru_cache(maxsize=4096)
-def _classes(
-    spec: ModelSpec, src_pp: int, dst_pp: int, units: int, element_size: int
-) -> dict[tuple[tuple[int, ...], tuple[int, ...], bool], int]:
-    """Tensors grouped by (source stages, destination stages, split) -> bytes of one unit.
+# (source stages, destination stages, split, (rows, pad multiple) of a vocabulary or None)
+ClassKey = tuple[tuple[int, ...], tuple[int, ...], bool, tuple[int, int] | None]
 
-    A unit is ``1 / units`` of the split dimension, or the whole tensor when it is replicated.
+
+@lru_cache(maxsize=4096)
+def _classes(spec: ModelSpec, src_pp: int, dst_pp: int, units: int, element_size: int) -> dict[ClassKey, int]:
+    """Tensors grouped by class -> bytes of one unit.
+
+    A unit is ``1 / units`` of the split dimension, the whole tensor when it is replicated, or
+    one row of a vocabulary matrix.
     """
     src_st, dst_st = _stage_sets(spec, src_pp), _stage_sets(spec, dst_pp)
-    out: dict[tuple[tuple[int, ...], tuple[int, ...], bool], int] = defaultdict(int)
+    out: dict[ClassKey, int] = defaultdict(int)
     for key, g in key_geometry(spec).items():
+        stages = (src_st[key], dst_st[key])
+        if g.pad_multiple is not None:
+            out[(*stages, True, (g.length, g.pad_multiple))] += g.row_elems * element_size
+            continue
         n = units if g.split else 1
-        out[(src_st[key], dst_st[key], g.split)] += (g.length // n) * g.row_elems * element_size
+        out[(*stages, g.split, None)] += (g.length // n) * g.row_elems * element_size
     return dict(out)
+
+
+def _grid(
+    split: bool, vocab: tuple[int, int] | None, units: int, src: Layout, dst: Layout
+) -> tuple[int, int, int]:
+    """(units in the tensor, units per source chunk, units per destination chunk) of a class."""
+    if vocab is not None:
+        rows, m = vocab
+        per_rank = [-(-rows // (m * tp)) * m for tp in (src.tp, dst.tp)]
+        return rows, per_rank[0], per_rank[1]
+    if split:
+        return units, units // src.tp, units // dst.tp
+    return 1, 1, 1
 
 
 @lru_cache(maxsize=4096)
@@ -79,9 +101,8 @@ def realloc_bytes(
     sent = local = cross = 0
     recv: dict[int, int] = defaultdict(int)
     src_ranks, dst_ranks = src.ranks or (), dst.ranks or ()
-    for (s_stages, d_stages, split), unit_bytes in classes.items():
-        n = L if split else 1
-        ws, wd = (n // src.tp, n // dst.tp) if split else (1, 1)
+    for (s_stages, d_stages, split, vocab), unit_bytes in classes.items():
+        n, ws, wd = _grid(split, vocab, L, src, dst)
         # Which (source chunk, node) pairs have a holder, and each source rank's chunk.
         held: set[tuple[int, int]] = set()
         own: dict[int, int] = {}
@@ -93,7 +114,8 @@ def realloc_bytes(
         for s in d_stages:
             for i in range(s * dst.dp * dst.tp, (s + 1) * dst.dp * dst.tp):
                 r = dst_ranks[i]
-                a, b = ((i % dst.tp) * wd, (i % dst.tp + 1) * wd) if split else (0, 1)
+                # Clipped: a padded vocabulary's last chunks end at (or lie past) its last row.
+                a, b = (min((i % dst.tp) * wd, n), min((i % dst.tp + 1) * wd, n)) if split else (0, 1)
                 j_own = own.get(r)
                 mine = 0
                 if j_own is not None:

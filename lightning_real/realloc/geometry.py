@@ -5,6 +5,10 @@ Reallocation works on the *view* of each canonical tensor that tensor parallelis
 neither does the split dimension, so a rank's slice is one range ``[lo, hi)`` along that
 dimension (the whole range for replicated parameters), and slices of two layouts intersect as
 plain ranges.
+
+A padded vocabulary (:attr:`ModelSpec.pad_vocab_to_multiple_of`) is cut at each layout's padded
+boundaries and clipped to the canonical rows; padding rows are never moved (each layout keeps its
+own, zero).
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ class KeyGeometry:
     """Dimension of the view that pieces are ranges of (0 for replicated tensors)."""
     split: bool
     """Whether tensor parallelism splits ``dim``; replicated tensors are held whole by every tp rank."""
+    pad_multiple: int | None = None
+    """Vocabulary rows: ``dim`` is padded to a multiple of ``pad_multiple * tp`` on each layout."""
 
     @property
     def length(self) -> int:
@@ -48,25 +54,33 @@ class KeyGeometry:
         """Elements of the whole canonical tensor."""
         return math.prod(self.view_shape)
 
+    def local_length(self, tp: int) -> int:
+        """Rows along ``dim`` of one rank's local tensor under ``tp`` (padding included)."""
+        if not self.split:
+            return self.length
+        if self.pad_multiple is None:
+            return self.length // tp
+        m = self.pad_multiple * tp
+        return -(-self.length // m) * m // tp
+
     def chunk(self, tp_rank: int, tp: int) -> tuple[int, int]:
-        """``[lo, hi)`` along ``dim`` held by tensor-parallel rank ``tp_rank`` of ``tp``."""
+        """``[lo, hi)`` along ``dim`` held by tensor-parallel rank ``tp_rank`` of ``tp`` (clipped
+        to the canonical rows, so possibly empty under a padded vocabulary)."""
         if not self.split:
             return 0, self.length
-        size = self.length // tp
-        return tp_rank * size, (tp_rank + 1) * size
+        size = self.local_length(tp)
+        return min(tp_rank * size, self.length), min((tp_rank + 1) * size, self.length)
 
     def local_view_shape(self, tp: int) -> tuple[int, ...]:
         """Shape of the view of one rank's local tensor under tensor-parallel degree ``tp``."""
-        if not self.split:
-            return self.view_shape
         v = list(self.view_shape)
-        v[self.dim] //= tp
+        v[self.dim] = self.local_length(tp)
         return tuple(v)
 
 
 def geometry_of(ps: ParamSpec) -> KeyGeometry:
     """The plan geometry of one parameter description."""
-    return KeyGeometry(ps.key, ps.view_shape, ps.tp_dim or 0, ps.tp_dim is not None)
+    return KeyGeometry(ps.key, ps.view_shape, ps.tp_dim or 0, ps.tp_dim is not None, ps.pad_multiple)
 
 
 @lru_cache(maxsize=256)

@@ -17,6 +17,7 @@ import torch
 
 from lightning_real.distributed.groups import GroupRegistry
 from lightning_real.layout import Layout
+from lightning_real.models.build import zero_vocab_padding_
 from lightning_real.models.shard import ModelShard
 from lightning_real.models.spec import ModelSpec
 from lightning_real.realloc import memory
@@ -164,8 +165,10 @@ class Reallocator:
                 f"rank {self.rank}: the copy on {s} has been released; move from a layout that holds the model"
             )
         plan = self.plan(s, d)
-        if dst_shard.member:
-            memory.materialize(dst_shard.module)
+        if dst_shard.member and memory.materialize(dst_shard.module):
+            # Fresh storage is uninitialised and a move never writes vocabulary padding rows.
+            g = dst_shard.groups
+            zero_vocab_padding_(dst_shard.module, self.spec, g.layout.tp, g.tp_rank)
         dtypes = {p.dtype for _, p in (*src_shard.params(), *dst_shard.params())}
         if dtypes - {self.config.dtype}:
             raise ValueError(
