@@ -7,13 +7,30 @@ from typing import Any
 
 from lightning_real.layout import Layout, LayoutError, parse_layout
 
-__all__ = ["Layout", "LayoutError", "PPOModule", "RealStrategy", "parse_layout"]
+__all__ = [
+    "DPOModule",
+    "GRPOModule",
+    "Layout",
+    "LayoutError",
+    "PPOModule",
+    "RLHFModule",
+    "ReMaxModule",
+    "RealStrategy",
+    "RewardModelModule",
+    "SFTModule",
+    "parse_layout",
+]
 __version__ = "0.1.0"
 
 _LAZY = {
     "RealStrategy": "lightning_real.strategy",
-    "PPOModule": "lightning_real.module",
+    "PPOModule": "lightning_real.modules.ppo",
     "RLHFModule": "lightning_real.module",
+    "SFTModule": "lightning_real.modules.sft",
+    "GRPOModule": "lightning_real.modules.grpo",
+    "ReMaxModule": "lightning_real.modules.remax",
+    "DPOModule": "lightning_real.modules.dpo",
+    "RewardModelModule": "lightning_real.modules.rw",
 }
 
 

@@ -376,7 +376,7 @@ def ppo_graph(
     ``n_mbs`` is one count for every call or a mapping from call name to count (default 1).
     """
     common = dict(batch_size=batch_size, prompt_len=prompt_len, gen_len=gen_len)
-    seq = ("seq", "attention_mask")
+    seq = ("seq", "attention_mask", "loss_mask")
     train_in = (*GEN_KEYS, "ref_logp", "rewards", "values")
     calls = [
         MFC(
@@ -384,7 +384,15 @@ def ppo_graph(
         ),
         MFC("ref_inf", "ref", "inference", seq, ("ref_logp",), n_mbs=_mbs(n_mbs, "ref_inf"), **common),
         MFC("rew_inf", "reward", "inference", seq, ("rewards",), n_mbs=_mbs(n_mbs, "rew_inf"), **common),
-        MFC("critic_inf", "critic", "inference", seq, ("values",), n_mbs=_mbs(n_mbs, "critic_inf"), **common),
+        MFC(
+            "critic_inf",
+            "critic",
+            "inference",
+            seq[:2],
+            ("values",),
+            n_mbs=_mbs(n_mbs, "critic_inf"),
+            **common,
+        ),
         MFC(
             "actor_train",
             "actor",
@@ -424,7 +432,7 @@ def grpo_graph(
     the reference call is left out.
     """
     common = dict(batch_size=batch_size, prompt_len=prompt_len, gen_len=gen_len, group_size=group_size)
-    seq = ("seq", "attention_mask")
+    seq = ("seq", "attention_mask", "loss_mask")
     calls = [
         MFC(
             "actor_gen", "actor", "generate", PPO_SOURCES, GEN_KEYS, n_mbs=_mbs(n_mbs, "actor_gen"), **common
@@ -462,8 +470,8 @@ def remax_graph(
     """ReMax: a sampled and a greedy generation of the same prompts, both scored; the greedy
     response's reward (``greedy_rewards``) is the baseline of the sampled one's."""
     common = dict(batch_size=batch_size, prompt_len=prompt_len, gen_len=gen_len)
-    seq = ("seq", "attention_mask")
-    gseq = ("greedy_seq", "greedy_attention_mask")
+    seq = ("seq", "attention_mask", "loss_mask")
+    gseq = ("greedy_seq", "greedy_attention_mask", "greedy_loss_mask")
     calls = [
         MFC(
             "actor_gen", "actor", "generate", PPO_SOURCES, GEN_KEYS, n_mbs=_mbs(n_mbs, "actor_gen"), **common

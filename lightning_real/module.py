@@ -9,6 +9,7 @@ or wrap them).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,13 +52,19 @@ def spec_of(source: ModelSource, head: str) -> ModelSpec:
     return ModelSpec.from_hf_config(cfg, head=head)  # type: ignore[arg-type]
 
 
-def load_home(source: ModelSource, spec: ModelSpec, groups: Any, seed: int) -> ModelShard:
-    """Build a role's home shard from an HF folder or a random init (same model under any layout)."""
+def load_home(
+    source: ModelSource, spec: ModelSpec, groups: Any, seed: int, init_value_head: bool = False
+) -> ModelShard:
+    """Build a role's home shard from an HF folder or a random init (same model under any layout).
+
+    ``init_value_head``: a value-head model read from a causal-LM folder starts its head at zero
+    (a critic initialised from the actor, a reward model from the SFT model).
+    """
     if isinstance(source, ModelSpec):
         return ModelShard.from_canonical(spec, groups, random_canonical(spec, seed))
     from lightning_real.models.hf import load_hf
 
-    return load_hf(source, groups, head=spec.head)
+    return load_hf(source, groups, head=spec.head, init_value_head=init_value_head)
 
 
 class RLHFModule(LightningModule):
@@ -67,6 +74,9 @@ class RLHFModule(LightningModule):
     :meth:`make_source`. Optimization is manual: the models' optimizers live with their shards.
     """
 
+    progress_bar_keys: tuple[str, ...] = ("reward/mean", "actor/pg_loss")
+    """Metrics shown in Lightning's progress bar."""
+
     def __init__(self) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -74,6 +84,8 @@ class RLHFModule(LightningModule):
         # stepped once per iteration so that max_steps, checkpoint intervals and logging work.
         self._step_counter = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
         self.pool: Any = None
+        self.iteration = 0
+        """Index of the iteration being run (the global step; seeds sampling)."""
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD([self._step_counter], lr=0.0)
@@ -100,100 +112,96 @@ class RLHFModule(LightningModule):
     def load_real_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`real_state_dict`."""
 
+    # ---- a role's home copy: checkpoint state and HF export --------------------------------------
+    def home_shard(self, role: str) -> ModelShard:
+        """This rank's part of the persistent (home) copy of ``role``'s model (after setup)."""
+        models = self.pool.models if self.pool is not None else {}
+        if role not in models:
+            have = ", ".join(models) or "none (the models are built when the strategy sets up)"
+            raise KeyError(f"{type(self).__name__} has no model for role {role!r}; roles: {have}")
+        return models[role].home
+
+    def shard_state_dict(self, role: str) -> dict[str, torch.Tensor]:
+        """A host copy of this rank's parameters of ``role``'s home copy, by local name."""
+        return {ps.local_name: p.detach().to("cpu", copy=True) for ps, p in self.home_shard(role).params()}
+
+    def load_shard_state_dict(self, role: str, state: dict[str, torch.Tensor]) -> None:
+        """Copy :meth:`shard_state_dict` back into ``role``'s home copy (same layout position)."""
+        params = self.home_shard(role).params()
+        names = {ps.local_name for ps, _ in params}
+        if names != set(state):
+            raise ValueError(
+                f"saved parameters of {role!r} do not match this rank's shard "
+                f"(missing {sorted(names - set(state))[:3]}, unexpected {sorted(set(state) - names)[:3]}); "
+                "was the checkpoint written under another plan?"
+            )
+        with torch.no_grad():
+            for ps, p in params:
+                p.copy_(state[ps.local_name])
+
+    def save_hf(self, role: str, folder: str | Path, copy_files_from: str | Path | None = None) -> Path:
+        """Write ``role``'s model as an HF checkpoint folder that transformers loads.
+
+        Collective: every rank calls it (ranks outside the role's home layout only wait). LM heads
+        become ``*ForCausalLM``, value heads the family's ``*ForSequenceClassification``;
+        ``copy_files_from`` adds an HF folder's non-weight files (tokenizer, generation config).
+        The folder is swapped in atomically; a failure on any rank raises on every rank.
+        """
+        import torch.distributed as dist
+
+        from lightning_real.models.hf import CheckpointError
+        from lightning_real.models.hf import save_hf as write
+
+        error: str | None = None
+        try:
+            write(self.home_shard(role), folder, copy_files_from)
+        except Exception as e:  # every rank must learn of it, or the others would wait forever
+            error = f"rank {dist.get_rank() if dist.is_initialized() else 0}: {type(e).__name__}: {e}"
+        errors = [error]
+        if dist.is_initialized():
+            errors = [None] * dist.get_world_size()
+            dist.all_gather_object(errors, error)
+        failed = [e for e in errors if e is not None]
+        if failed:
+            raise CheckpointError(f"save_hf({role!r}, {folder}) failed: {'; '.join(failed)}")
+        return Path(folder).absolute()
+
     # ---- Lightning ----------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> None:
         strategy = self.trainer.strategy
+        self.iteration = self.global_step
+        start = time.perf_counter()
         metrics = strategy.run_iteration(self.make_source(batch), step=self.global_step)
+        elapsed = time.perf_counter() - start
+        metrics["timing_s/iteration"] = elapsed
+        if "perf/tokens" in metrics:
+            # tokens of the iteration's sequences per second per device, as verl reports it
+            metrics["perf/throughput"] = metrics["perf/tokens"] / elapsed / strategy.world_size
         opt = self.optimizers()
         opt.step()  # type: ignore[union-attr]
         self.log_dict(
             {k: float(v) for k, v in metrics.items()}, prog_bar=False, on_step=True, rank_zero_only=True
         )
-        for key in ("reward/mean", "actor/pg_loss"):
+        for key in self.progress_bar_keys:
             if key in metrics:
                 self.log(key.replace("/", "_"), float(metrics[key]), prog_bar=True, rank_zero_only=True)
         self.last_metrics = metrics
 
 
-class SFTModule(RLHFModule):
-    """Supervised fine-tuning of the actor through the same graph, plans and runtime as RLHF.
+_MODULES = {
+    "SFTModule": "lightning_real.modules.sft",
+    "PPOModule": "lightning_real.modules.ppo",
+    "GRPOModule": "lightning_real.modules.grpo",
+    "ReMaxModule": "lightning_real.modules.remax",
+    "DPOModule": "lightning_real.modules.dpo",
+    "RewardModelModule": "lightning_real.modules.rw",
+}
 
-    Args:
-        actor: HF checkpoint folder or ModelSpec (random init).
-        batch_size: global rows per step (the data module's batch size).
-        n_mbs: microbatches per data-parallel replica.
-        optim: AdamW settings.
-        seed: seed of a random init.
-    """
 
-    def __init__(
-        self,
-        actor: ModelSource,
-        batch_size: int,
-        n_mbs: int = 1,
-        optim: Any = None,
-        seed: int = 0,
-    ) -> None:
-        super().__init__()
-        from lightning_real.models.optim import OptimConfig
+def __getattr__(name: str) -> Any:
+    # The algorithm modules live one per file under lightning_real.modules.
+    if name in _MODULES:
+        import importlib
 
-        self.actor_source = actor
-        self.batch_size = batch_size
-        self.n_mbs = n_mbs
-        self.optim = optim or OptimConfig(lr=1e-4)
-        self.seed = seed
-        self.spec = spec_of(actor, "lm")
-
-    def real_graph(self) -> Any:
-        from lightning_real.dataflow import sft_graph
-
-        return sft_graph(self.batch_size, self.n_mbs)
-
-    def real_specs(self) -> dict[str, ModelSpec]:
-        return {"actor": self.spec}
-
-    def make_source(self, batch: Any) -> dict[str, torch.Tensor]:
-        from lightning_real.dataflow import SFT_SOURCES
-
-        return {k: batch[k] for k in SFT_SOURCES}
-
-    def real_setup(self, strategy: Any) -> RealContext:
-        from lightning_real.algorithms.sft import sft_loss
-        from lightning_real.models.train import TrainConfig, TrainEngine
-        from lightning_real.models.vocab_parallel import vocab_parallel_logprobs
-        from lightning_real.realloc import Reallocator
-        from lightning_real.runtime.pool import ModelPool, PooledModel
-
-        groups = strategy.registry.for_layout(strategy.plan["actor_train"])
-        home = load_home(self.actor_source, self.spec, groups, self.seed)
-
-        def loss_fn(out: torch.Tensor, mb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-            lp = vocab_parallel_logprobs(out[:, :-1], mb["input_ids"][:, 1:], self.engine.tp_group)
-            return sft_loss(lp, mb["loss_mask"], reduction="sum")
-
-        self.engine = TrainEngine(home, loss_fn, TrainConfig(n_mbs=self.n_mbs, optim=self.optim))
-        self.pool = ModelPool()
-        self.pool.add(PooledModel("actor", home, Reallocator(self.spec, strategy.registry)))
-
-        def actor_train(shard: Any, x: dict[str, torch.Tensor]) -> tuple[dict, dict[str, float]]:
-            batch = {
-                "input_ids": x["input_ids"],
-                "attention_mask": x["attention_mask"],
-                "loss_mask": x["loss_mask"][:, 1:].float(),  # scores token t+1 at position t
-            }
-            m = self.engine.step(batch)
-            return {}, {"actor/sft_loss": m["loss"], "actor/grad_norm": m["grad_norm"], "actor/lr": m["lr"]}
-
-        return RealContext({"actor_train": actor_train}, self.pool.move, self.pool.release)
-
-    def real_state_dict(self) -> dict[str, Any]:
-        home = self.pool.models["actor"].home
-        params = {ps.local_name: p.detach().clone() for ps, p in home.params()}
-        return {"actor": params, "actor_optim": self.engine.state_dict()}
-
-    def load_real_state_dict(self, state: dict[str, Any]) -> None:
-        home = self.pool.models["actor"].home
-        with torch.no_grad():
-            for ps, p in home.params():
-                p.copy_(state["actor"][ps.local_name])
-        self.engine.load_state_dict(state["actor_optim"])
+        return getattr(importlib.import_module(_MODULES[name]), name)
+    raise AttributeError(f"module 'lightning_real.module' has no attribute {name!r}")

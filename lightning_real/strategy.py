@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +19,12 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
 from lightning_real.distributed.groups import GroupRegistry
 from lightning_real.layout import Layout
+from lightning_real.models.hf import CheckpointError
 from lightning_real.runtime.executor import Executor, reduce_metrics
 from lightning_real.runtime.trace import Tracer, gather_events, summarize, to_chrome_trace
 
@@ -60,6 +62,8 @@ class RealStrategy(DDPStrategy):
         self.search_steps = search_steps
         self.registry: GroupRegistry | None = None
         self.plan: dict[str, Layout] = {}
+        self.microbatches: dict[str, int] = {}
+        """Microbatches per data-parallel replica of every call (the plan's, else the graph's)."""
         self.executor: Executor | None = None
         self.tracer: Tracer | None = None
         self.data_group: Any = None
@@ -106,6 +110,7 @@ class RealStrategy(DDPStrategy):
             search_steps=self.search_steps,
         )
         self.plan = {name: lay.resolve(world) for name, lay in plan.layouts.items()}
+        self.microbatches = dict(plan.microbatches)
         calls = graph.topological_order()
         # Group creation is collective: the same layouts, in the same order, on every rank.
         for call in calls:
@@ -137,68 +142,132 @@ class RealStrategy(DDPStrategy):
         self.last_events = events
         return metrics
 
-    # ---- checkpoints: one shard file per rank, written atomically ------------------------------
+    # ---- checkpoints: one folder per checkpoint, one shard file per rank, written atomically ----
+    @property
+    @override
+    def restore_checkpoint_after_setup(self) -> bool:
+        # The models are built in setup, on the plan's layouts; saved shards load into them.
+        return True
+
+    @override
+    def process_dataloader(self, dataloader: object) -> object:
+        # Lightning restores its loop counters on resume but restarts a plain DataLoader at the
+        # epoch's first batch; the training loader starts where the counters stand instead.
+        if self.lightning_module.trainer.training:
+            return EpochPositionLoader(dataloader, self._epoch_position)
+        return dataloader
+
+    def _epoch_position(self) -> int:
+        """Batches of the current epoch the fit loop has already consumed (restored on resume)."""
+        return int(self.lightning_module.trainer.fit_loop.epoch_loop.batch_progress.current.ready)
+
     @override
     def save_checkpoint(
         self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None
     ) -> None:
-        """Write ``filepath`` as a folder: ``meta.pt`` (rank 0) and ``shard-rank{r}.pt`` per rank.
+        """Write ``filepath`` as a folder: ``shard-rank{r}.pt`` per rank, then ``meta.pt``.
 
-        All ranks write into a temporary folder first; only when every rank succeeded does rank 0
-        swap it in, so a crash during a save leaves the previous checkpoint intact.
+        Each rank's shard holds its part of the models and optimizer states (the module's
+        ``real_state_dict``) and its RNG states. Every rank writes into ``<name>.tmp`` beside the
+        target; only when all succeeded does rank 0 add ``meta.pt`` (Lightning's loop, optimizer
+        and callback state, the plan, the shard list) and rename the folder into place. A failure
+        on any rank raises on every rank and leaves earlier checkpoints as they were; a crash
+        leaves at most a ``.tmp`` folder, which is never loaded. All ranks must share the
+        filesystem of ``filepath``.
         """
-        path = Path(filepath)
-        tmp = path.with_name(path.name + ".tmp")
-        module = self.lightning_module
-        if self.global_rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        self.barrier("real_ckpt_mkdir")
-        shard = module.real_state_dict() if hasattr(module, "real_state_dict") else {}
-        torch.save(shard, tmp / f"shard-rank{self.global_rank}.pt")
-        if self.global_rank == 0:
-            meta = {k: v for k, v in checkpoint.items() if k != "state_dict"}
-            meta["world_size"] = self.world_size
-            meta["plan"] = {k: str(v) for k, v in self.plan.items()}
-            torch.save(meta, tmp / "meta.pt")
-        self.barrier("real_ckpt_written")
-        if self.global_rank == 0:
-            old = path.with_name(path.name + ".old")
-            if path.exists():
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        self.barrier("real_ckpt_done")
+        path = Path(filepath).absolute()
+        tmp = path.with_name(path.name + TMP_SUFFIX)
+        rank = self.global_rank
+
+        def prepare() -> None:
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+
+        def write_shard() -> None:
+            state = {"module": self.lightning_module.real_state_dict(), "rng": rng_states()}
+            _write(state, tmp / shard_file(rank))
+
+        self._on_every_rank(f"checkpoint {path}: creating {tmp.name}", prepare)
+
+        def publish() -> None:
+            if rank == 0:
+                meta = {k: v for k, v in checkpoint.items() if k != "state_dict"}
+                meta.update(world_size=self.world_size, plan=self._plan_strings())
+                meta["shards"] = [shard_file(r) for r in range(self.world_size)]
+                _write(meta, tmp / META_FILE)  # last: a folder with meta.pt is complete
+                _swap_in(tmp, path)
+
+        try:
+            self._on_every_rank(f"checkpoint {path}: writing the shards", write_shard)
+            self._on_every_rank(f"checkpoint {path}: publishing", publish)
+        except CheckpointError:
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def _on_every_rank(self, what: str, fn: Any) -> None:
+        """Run ``fn`` here; if it failed on any rank, raise :class:`CheckpointError` on every rank."""
+        error = None
+        try:
+            fn()
+        except Exception as e:  # reported to every rank, or the others would wait forever
+            error = f"rank {self.global_rank}: {type(e).__name__}: {e}"
+        errors: list[Any] = [error]
+        if dist.is_available() and dist.is_initialized():
+            errors = [None] * dist.get_world_size()
+            dist.all_gather_object(errors, error)
+        failed = [e for e in errors if e is not None]
+        if failed:
+            raise CheckpointError(f"{what} failed; nothing was replaced: {'; '.join(failed)}")
+
+    def _plan_strings(self) -> dict[str, str]:
+        return {k: str(v) for k, v in sorted(self.plan.items())}
 
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
-        path = Path(checkpoint_path)
-        meta_file = path / "meta.pt"
-        if not meta_file.exists():
-            raise FileNotFoundError(
-                f"checkpoint {path} has no meta.pt; is it a RealStrategy checkpoint folder?"
-            )
-        meta = torch.load(meta_file, weights_only=False)
+        """Lightning's state from ``meta.pt`` plus this rank's shard (``real_shard``, ``real_rng``).
+
+        The run must have the checkpoint's world size and plan: shards and optimizer states are
+        per layout position. Every rank checks the whole folder, so every rank fails alike.
+        """
+        path = checkpoint_folder(Path(checkpoint_path))
+        meta = torch.load(path / META_FILE, map_location="cpu", weights_only=False)
         if meta.get("world_size") != self.world_size:
-            raise ValueError(
+            raise CheckpointError(
                 f"checkpoint {path} was written by {meta.get('world_size')} ranks; this run has {self.world_size}"
             )
-        shard = torch.load(path / f"shard-rank{self.global_rank}.pt", weights_only=False)
+        if meta.get("plan") != self._plan_strings():
+            raise CheckpointError(
+                f"checkpoint {path} was written under plan {meta.get('plan')}; this run's plan is "
+                f"{self._plan_strings()} (shards and optimizer states belong to their layouts)"
+            )
+        missing = [name for name in meta.get("shards", []) if not (path / name).is_file()]
+        if missing:
+            raise CheckpointError(f"checkpoint {path} lacks {missing}")
+        shard = torch.load(path / shard_file(self.global_rank), map_location="cpu", weights_only=False)
         meta["state_dict"] = {}
-        meta["real_shard"] = shard
+        meta["real_shard"] = shard["module"]
+        meta["real_rng"] = shard["rng"]
         return meta
 
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
-        module = self.lightning_module
-        if "real_shard" in checkpoint and hasattr(module, "load_real_state_dict"):
-            module.load_real_state_dict(checkpoint["real_shard"])
+        if "real_shard" in checkpoint:
+            self.lightning_module.load_real_state_dict(checkpoint["real_shard"])
+        if "real_rng" in checkpoint:
+            # Restored last, after setup consumed whatever randomness building the models took.
+            set_rng_states(checkpoint["real_rng"])
 
     @override
     def remove_checkpoint(self, filepath: _PATH) -> None:
         if self.global_rank == 0:
-            shutil.rmtree(filepath, ignore_errors=True)
+            path = Path(filepath)
+            if path.exists():
+                # Renamed first, so a half-deleted folder never carries a checkpoint's name.
+                gone = path.with_name(f".{path.name}.removing-{os.getpid()}")
+                os.replace(path, gone)
+                shutil.rmtree(gone, ignore_errors=True)
 
     @classmethod
     @override
@@ -209,6 +278,132 @@ class RealStrategy(DDPStrategy):
         strategy_registry.register(
             "real_spawn", cls, description="RealStrategy with the spawn start method", start_method="spawn"
         )
+
+
+# ---- checkpoint helpers -------------------------------------------------------------------------
+META_FILE = "meta.pt"
+TMP_SUFFIX = ".tmp"
+OLD_SUFFIX = ".old"
+
+
+def shard_file(rank: int) -> str:
+    """Name of rank ``rank``'s file in a checkpoint folder."""
+    return f"shard-rank{rank}.pt"
+
+
+def checkpoint_folder(path: Path) -> Path:
+    """The complete checkpoint folder for ``path``.
+
+    Replacing a folder takes two renames (old aside, new in); a crash between them leaves only
+    ``<name>.old``, the previous complete checkpoint, which is then used.
+    """
+    if (path / META_FILE).is_file():
+        return path
+    old = path.with_name(path.name + OLD_SUFFIX)
+    if not path.exists() and (old / META_FILE).is_file():
+        rank_zero_warn(f"checkpoint {path} is missing; loading {old.name}, left by an interrupted save")
+        return old
+    raise CheckpointError(f"{path} is not a complete RealStrategy checkpoint folder (no {META_FILE})")
+
+
+def _write(obj: Any, file: Path) -> None:
+    """``torch.save`` that reaches the disk before returning (a later rename must not outrun it)."""
+    with open(file, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    """Put the complete folder ``tmp`` at ``path``; an existing ``path`` is removed only afterwards."""
+    _fsync_dir(tmp)
+    old = path.with_name(path.name + OLD_SUFFIX)
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def rng_states() -> dict[str, Any]:
+    """This process's random states (torch CPU and current CUDA device, Python, NumPy)."""
+    import random
+
+    import numpy as np
+
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def set_rng_states(states: Mapping[str, Any]) -> None:
+    """Restore :func:`rng_states`."""
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+
+
+class EpochPositionLoader:
+    """A training loader whose iteration starts at the batch the fit loop has reached in the epoch.
+
+    ``position()`` is read when the first batch is requested, after Lightning has restored and
+    reset its counters: 0 at an epoch's start, the consumed batches after a mid-epoch resume.
+    Those batches are read and dropped; the order itself is the sampler's, a function of its
+    seed and the epoch Lightning sets (``sampler`` and ``batch_sampler`` are passed through).
+    """
+
+    def __init__(self, loader: Any, position: Callable[[], int]) -> None:
+        self.loader = loader
+        self.position = position
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        skip = self.position()
+        # A DataLoader iterator draws its worker seed from the global RNG; drawing it from a
+        # fork keeps the global RNG where a restored checkpoint put it.
+        with torch.random.fork_rng(devices=[]):
+            it = iter(self.loader)
+        for _ in range(skip):
+            if next(it, _END) is _END:
+                return
+        yield from it
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("loader", "position"):  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Lightning may set loader attributes (worker_init_fn); they belong to the loader.
+        if name in ("loader", "position"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.loader, name, value)
+
+
+_END = object()
 
 
 def _register() -> None:

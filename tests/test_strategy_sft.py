@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning_real.data.modules import SFTDataModule
 from lightning_real.models.optim import OptimConfig
 from lightning_real.models.spec import tiny_spec
-from lightning_real.module import SFTModule
+from lightning_real.modules.sft import SFTModule
 from lightning_real.strategy import RealStrategy
 
 ASSETS = Path(__file__).resolve().parents[1] / "lightning_real" / "data" / "assets"

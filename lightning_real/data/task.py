@@ -142,6 +142,20 @@ def score_sequences(
     return torch.tensor([reward_fn(p, r) for p, r in zip(prompts, responses)], dtype=torch.float32)
 
 
+class TaskReward:
+    """The task's rule as a ``rew_inf`` body: ``(seq, attention_mask, loss_mask) -> scores [B]``."""
+
+    def __init__(self, tokenizer: Any = None) -> None:
+        from lightning_real.data.tokenizer import load_tokenizer
+
+        self.tokenizer = load_tokenizer(tokenizer)
+
+    def __call__(
+        self, seq: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor
+    ) -> torch.Tensor:
+        return score_sequences(self.tokenizer, seq, attention_mask, loss_mask)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Regenerate the task files."""
     ap = argparse.ArgumentParser(description="write the 'say the letter' task files")

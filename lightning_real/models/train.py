@@ -91,8 +91,12 @@ def split_microbatches(batch: Batch, n_mbs: int) -> list[Batch]:
 
 
 def split_for_dp(batch: Batch, dp: int, dp_rank: int) -> Batch:
-    """This data-parallel replica's contiguous share of a global batch."""
-    return {k: torch.tensor_split(v, dp, dim=0)[dp_rank] for k, v in batch.items()}
+    """This data-parallel replica's contiguous share of a global batch (the rows the runtime
+    hands the replica: :func:`lightning_real.runtime.transfer.row_range`)."""
+    from lightning_real.runtime.transfer import row_range
+
+    lo, hi = row_range(int(next(iter(batch.values())).shape[0]), dp, dp_rank)
+    return {k: v[lo:hi] for k, v in batch.items()}
 
 
 # ---- the engine ---------------------------------------------------------------------------

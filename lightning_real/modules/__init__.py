@@ -1,0 +1,1 @@
+"""One LightningModule per algorithm (SFT, reward modelling, DPO, PPO, GRPO, ReMax)."""

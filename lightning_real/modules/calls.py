@@ -1,0 +1,139 @@
+"""Bodies of the calls RLHF algorithms share: generate, reference log-probs, rewards and values.
+
+Each factory returns a ``CallFn`` for the runtime: ``fn(shard, rows) -> (output rows, metrics)``,
+run on every rank of the call's layout with that rank's data-parallel share of the rows. The
+tensors follow the layout of ``lightning_real.dataflow`` (``seq``, ``attention_mask`` and
+``loss_mask`` ``[B, S]``; log-probabilities ``[B, S - 1]``; ``values`` ``[B, S]``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from lightning_real.models.generate import GenerationConfig, generate
+from lightning_real.models.shard import ModelShard
+
+Rows = dict[str, torch.Tensor]
+CallFn = Callable[[Any, Rows], tuple[Rows, dict[str, float]]]
+RewardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""A rule-based reward: ``(seq, attention_mask, loss_mask) -> scores [B]``."""
+
+
+def generate_call(
+    config: GenerationConfig,
+    seed_of_step: Callable[[], int],
+    group_size: int = 1,
+    greedy: bool = False,
+    out_prefix: str = "",
+    keys: tuple[str, ...] | None = None,
+) -> CallFn:
+    """``actor_gen``: sample ``group_size`` responses per prompt.
+
+    Writes ``seq``, ``attention_mask``, ``loss_mask`` (1 on response tokens, EOS included),
+    ``old_logp`` (the sampling log-probs, 0 off the response) and ``no_eos`` (1 when the
+    response hit the token limit). Each row samples from its own seeded stream keyed by its
+    global index (see :func:`~lightning_real.models.generate.generate`), so the samples do not
+    depend on the layout. ``out_prefix`` renames the keys (ReMax's greedy baseline writes
+    ``greedy_seq``...); ``keys`` keeps only those output keys (after renaming).
+    """
+
+    def fn(shard: ModelShard, x: Rows) -> tuple[Rows, dict[str, float]]:
+        prompts, pmask = x["prompts"], x["prompt_mask"]
+        if group_size > 1:
+            prompts = prompts.repeat_interleave(group_size, 0)
+            pmask = pmask.repeat_interleave(group_size, 0)
+        b = prompts.shape[0]
+        cfg = replace(config, seed=seed_of_step(), greedy=greedy or config.greedy)
+        out = generate(shard, prompts, pmask, cfg, row_offset=shard.groups.dp_rank * b)
+        p = out.prompt_length
+        resp = out.response_mask.to(pmask.dtype)
+        old = torch.zeros(b, out.tokens.shape[1] - 1, dtype=torch.float32, device=out.tokens.device)
+        # entry t scores token t + 1, so response token j (at p + j) is scored at p + j - 1
+        old[:, p - 1 :] = out.response_logprobs * out.response_mask
+        rows = {
+            "seq": out.tokens,
+            "attention_mask": torch.cat([pmask.to(resp.device), resp], 1),
+            "loss_mask": torch.cat([torch.zeros_like(pmask, device=resp.device), resp], 1),
+            "old_logp": old,
+            "no_eos": out.truncated.long(),
+        }
+        out_rows = {out_prefix + k: v for k, v in rows.items()}
+        if keys is not None:
+            out_rows = {k: out_rows[k] for k in keys}
+        return out_rows, {}
+
+    return fn
+
+
+def logprob_call(n_mbs: Callable[[], int], out_key: str = "ref_logp", in_prefix: str = "") -> CallFn:
+    """``ref_inf``: log-probabilities of the sequence's tokens, zero off the response."""
+    from lightning_real.models.forward import forward_logprobs
+
+    def fn(shard: ModelShard, x: Rows) -> tuple[Rows, dict[str, float]]:
+        seq, am, lm = (x[in_prefix + k] for k in ("seq", "attention_mask", "loss_mask"))
+        lp = forward_logprobs(shard, seq, am, n_mbs=n_mbs())
+        return {out_key: lp * lm[:, 1:].to(lp.device, lp.dtype)}, {}
+
+    return fn
+
+
+def value_call(n_mbs: Callable[[], int]) -> CallFn:
+    """``critic_inf``: per-token values ``[B, S]``, zero on padding."""
+    from lightning_real.models.forward import forward_values
+
+    def fn(shard: ModelShard, x: Rows) -> tuple[Rows, dict[str, float]]:
+        v = forward_values(shard, x["seq"], x["attention_mask"], n_mbs=n_mbs())
+        return {"values": v * x["attention_mask"].to(v.device, v.dtype)}, {}
+
+    return fn
+
+
+def reward_call(
+    rule: RewardFn | None, n_mbs: Callable[[], int], in_prefix: str = "", out_key: str = "rewards"
+) -> CallFn:
+    """``rew_inf``: one score per sequence, from a rule (``rule``) or a reward model (the shard).
+
+    A reward model's score is its value-head output at the sequence's last real token.
+    """
+
+    def fn(shard: ModelShard | None, x: Rows) -> tuple[Rows, dict[str, float]]:
+        seq, am, lm = (x[in_prefix + k] for k in ("seq", "attention_mask", "loss_mask"))
+        if rule is not None:
+            scores = rule(seq.cpu(), am.cpu(), lm.cpu()).float().to(seq.device)
+        else:
+            from lightning_real.algorithms.rw import last_token_scores
+            from lightning_real.models.forward import forward_values
+
+            assert shard is not None
+            scores = last_token_scores(forward_values(shard, seq, am, n_mbs=n_mbs()), am)
+        return {out_key: scores}, {}
+
+    return fn
+
+
+def gather_rows(rows: Rows, dp_group: Any, dp: int) -> Rows:
+    """The global batch from every data-parallel replica's rows (replicas in order).
+
+    Train calls compute batch statistics (advantage whitening, reward scaling, group baselines)
+    over the global batch, so the result is the same under every layout.
+    """
+    if dp == 1:
+        return dict(rows)
+    out: Rows = {}
+    for k in sorted(rows):
+        v = rows[k].contiguous()
+        parts = [torch.empty_like(v) for _ in range(dp)]
+        dist.all_gather(parts, v, group=dp_group)
+        out[k] = torch.cat(parts, 0)
+    return out
+
+
+def minibatches(rows: Rows, n: int) -> list[Rows]:
+    """``n`` contiguous minibatches of a replica's rows (PPO's optimizer steps per pass)."""
+    parts = {k: torch.tensor_split(v, n, 0) for k, v in rows.items()}
+    return [{k: parts[k][i] for k in rows} for i in range(n)]

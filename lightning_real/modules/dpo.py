@@ -1,0 +1,193 @@
+"""Direct preference optimisation (DPO) of the actor against a frozen reference, through RealStrategy.
+
+``ref_inf`` scores both answers of every pair with the reference model; ``actor_train`` takes one
+optimizer step on the DPO loss of the policy's scores. Each pair travels as one row holding its
+two answers as two packed segments (attention and positions restart at the second answer), so
+microbatches never split a pair, one forward pass scores both answers, and the loss of a
+microbatch is complete. The price is attention over both answers at once: twice the attention
+score work of two separate rows (the cross-answer half is masked), a small share of the total.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from lightning_real.algorithms.dpo import DPOConfig
+from lightning_real.models.optim import OptimConfig
+from lightning_real.models.spec import ModelSpec
+from lightning_real.module import ModelSource, RealContext, RLHFModule, load_home, spec_of
+
+Batch = dict[str, torch.Tensor]
+
+
+def pack_pairs(x: Mapping[str, torch.Tensor]) -> Batch:
+    """Each pair as one row ``[b, 2S]``: the chosen answer, then the rejected one as a second segment.
+
+    Returns ``input_ids``, ``attention_mask`` and ``segment_ids`` (0 on the chosen half, 1 on the
+    rejected half). Both answers of a batch are padded to one length ``S`` (``collate_pairs``).
+    """
+    c, r = x["chosen_ids"], x["rejected_ids"]
+    if c.shape != r.shape:
+        raise ValueError(
+            f"chosen_ids {tuple(c.shape)} and rejected_ids {tuple(r.shape)} must have one shape (collate_pairs pads them)"
+        )
+    return {
+        "input_ids": torch.cat([c, r], 1),
+        "attention_mask": torch.cat([x["chosen_attention_mask"], x["rejected_attention_mask"]], 1),
+        "segment_ids": torch.cat([torch.zeros_like(c), torch.ones_like(r)], 1),
+    }
+
+
+def pair_logps(
+    token_logp: torch.Tensor, chosen_loss_mask: torch.Tensor, rejected_loss_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence log-probabilities ``[b]`` of both answers from packed next-token log-probs ``[b, 2S-1]``.
+
+    Entry ``t`` scores token ``t + 1``: the chosen answer's tokens ``1..S-1`` are entries
+    ``0..S-2``, the rejected answer's are ``S..2S-2`` (entry ``S-1`` crosses the two segments).
+    """
+    from lightning_real.algorithms.dpo import sequence_logps
+
+    s = chosen_loss_mask.shape[1]
+    if token_logp.shape[1] != 2 * s - 1:
+        raise ValueError(f"packed log-probs have {token_logp.shape[1]} positions, expected {2 * s - 1}")
+    dev = token_logp.device
+    chosen = sequence_logps(token_logp[:, : s - 1], chosen_loss_mask[:, 1:].to(dev))
+    rejected = sequence_logps(token_logp[:, s:], rejected_loss_mask[:, 1:].to(dev))
+    return chosen, rejected
+
+
+class DPOModule(RLHFModule):
+    """DPO (Rafailov et al., 2023) on preference pairs (:class:`~lightning_real.data.modules.PreferenceDataModule`).
+
+    The actor trains on ``actor_train``'s layout; the reference is frozen and lives on
+    ``ref_inf``'s layout (its only call). Metrics carry TRL's names under ``dpo/``: ``dpo/loss``,
+    ``dpo/rewards/{chosen,rejected,margins,accuracies}``, ``dpo/logps/{chosen,rejected}``, plus
+    ``actor/grad_norm`` and ``actor/lr``.
+
+    Args:
+        actor: HF checkpoint folder or ModelSpec (random init) of the policy.
+        ref: the reference model; None: a frozen copy of ``actor``'s source (the usual DPO set-up).
+        batch_size: preference pairs per step (the data module's batch size).
+        dpo: beta and label smoothing.
+        optim: AdamW settings of the actor.
+        n_mbs: microbatches per data-parallel replica, for every call or per call name.
+        seed: seed of a random init.
+    """
+
+    progress_bar_keys = ("dpo/loss", "dpo/rewards/accuracies")
+
+    def __init__(
+        self,
+        actor: ModelSource,
+        ref: ModelSource | None = None,
+        *,
+        batch_size: int,
+        dpo: DPOConfig | None = None,
+        optim: OptimConfig | None = None,
+        n_mbs: int | Mapping[str, int] = 1,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.actor_source = actor
+        self.ref_source = actor if ref is None else ref
+        self.batch_size = batch_size
+        self.dpo = dpo or DPOConfig()
+        self.optim = optim or OptimConfig(lr=1e-6)
+        self.n_mbs = n_mbs
+        self.seed = seed
+        self.spec = spec_of(actor, "lm")
+        self.ref_spec = spec_of(self.ref_source, "lm")
+        if self.ref_spec.vocab_size != self.spec.vocab_size:
+            raise ValueError(
+                f"actor and reference vocabularies differ ({self.spec.vocab_size} vs {self.ref_spec.vocab_size})"
+            )
+        self.graph = self.real_graph()  # checks batch_size and n_mbs now rather than at setup
+
+    def real_graph(self) -> Any:
+        from lightning_real.dataflow import dpo_graph
+
+        return dpo_graph(self.batch_size, self.n_mbs)
+
+    def real_specs(self) -> dict[str, ModelSpec]:
+        return {"actor": self.spec, "ref": self.ref_spec}
+
+    def make_source(self, batch: Any) -> dict[str, torch.Tensor]:
+        from lightning_real.dataflow import PAIR_SOURCES
+
+        return {k: batch[k] for k in PAIR_SOURCES}
+
+    def real_setup(self, strategy: Any) -> RealContext:
+        from lightning_real.algorithms.dpo import dpo_loss
+        from lightning_real.models.forward import forward_logprobs
+        from lightning_real.models.train import TrainConfig, TrainEngine
+        from lightning_real.models.vocab_parallel import vocab_parallel_logprobs
+        from lightning_real.realloc import Reallocator
+        from lightning_real.runtime.pool import ModelPool, PooledModel
+
+        def mbs(call: str) -> int:  # the plan may set a call's microbatches
+            return strategy.microbatches.get(call, self.graph.call(call).n_mbs)
+
+        def home(call: str, source: ModelSource, spec: ModelSpec) -> Any:
+            return load_home(source, spec, strategy.registry.for_layout(strategy.plan[call]), self.seed)
+
+        train_mbs, ref_mbs = mbs("actor_train"), mbs("ref_inf")
+        actor = home("actor_train", self.actor_source, self.spec)
+        ref = home("ref_inf", self.ref_source, self.ref_spec)
+        if ref.module is not None:
+            ref.module.eval().requires_grad_(False)
+
+        def loss_fn(out: torch.Tensor, mb: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            lp = vocab_parallel_logprobs(out[:, :-1], mb["input_ids"][:, 1:], self.engine.tp_group)
+            chosen, rejected = pair_logps(lp, mb["chosen_loss_mask"], mb["rejected_loss_mask"])
+            loss, m = dpo_loss(
+                chosen, rejected, mb["ref_chosen_logp"], mb["ref_rejected_logp"], self.dpo, reduction="sum"
+            )
+            metrics = {k if k.startswith("dpo/") else f"dpo/{k}": v for k, v in m.items()}
+            metrics["dpo/logps/chosen"] = chosen.detach().sum()
+            metrics["dpo/logps/rejected"] = rejected.detach().sum()
+            return loss, metrics
+
+        # norm_key None: the summed loss and metrics are divided by the number of pairs (rows).
+        cfg = TrainConfig(n_mbs=train_mbs, norm_key=None, optim=self.optim)
+        self.engine = TrainEngine(actor, loss_fn, cfg)
+        self.pool = ModelPool()
+        self.pool.add(PooledModel("actor", actor, Reallocator(self.spec, strategy.registry)))
+        # The reference never changes, so a copy made for a call would never go stale.
+        self.pool.add(
+            PooledModel("ref", ref, Reallocator(self.ref_spec, strategy.registry), keep_copies=True)
+        )
+
+        def ref_inf(shard: Any, x: Batch) -> tuple[Batch, dict[str, float]]:
+            p = pack_pairs(x)
+            lp = forward_logprobs(shard, p["input_ids"], p["attention_mask"], ref_mbs, p["segment_ids"])
+            chosen, rejected = pair_logps(lp, x["chosen_loss_mask"], x["rejected_loss_mask"])
+            return {"ref_chosen_logp": chosen, "ref_rejected_logp": rejected}, {}
+
+        def actor_train(shard: Any, x: Batch) -> tuple[Batch, dict[str, float]]:
+            batch = {
+                **pack_pairs(x),
+                "chosen_loss_mask": x["chosen_loss_mask"],
+                "rejected_loss_mask": x["rejected_loss_mask"],
+                "ref_chosen_logp": x["ref_chosen_logp"],
+                "ref_rejected_logp": x["ref_rejected_logp"],
+            }
+            m = self.engine.step(batch)
+            metrics = {k: v for k, v in m.items() if k.startswith("dpo/")}
+            metrics.update({"actor/grad_norm": m["grad_norm"], "actor/lr": m["lr"]})
+            return {}, metrics
+
+        return RealContext(
+            {"ref_inf": ref_inf, "actor_train": actor_train}, self.pool.move, self.pool.release
+        )
+
+    def real_state_dict(self) -> dict[str, Any]:
+        # The reference is frozen: it is rebuilt from its source rather than written each time.
+        return {"actor": self.shard_state_dict("actor"), "actor_optim": self.engine.state_dict()}
+
+    def load_real_state_dict(self, state: dict[str, Any]) -> None:
+        self.load_shard_state_dict("actor", state["actor"])
+        self.engine.load_state_dict(state["actor_optim"])

@@ -1,0 +1,150 @@
+"""GRPO: ``group_size`` responses per prompt, group-relative advantages, no critic.
+
+The graph is :func:`lightning_real.dataflow.grpo_graph` (``actor_gen``, ``ref_inf`` when the KL
+weight is not 0, ``rew_inf``, ``actor_train``). ``actor_train`` gathers the global batch over
+its data-parallel group so every group's baseline sees all of its responses, whatever the
+layout, then steps on its replica's share.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from lightning_real.algorithms.grpo import GRPOConfig, group_advantages, grpo_loss, grpo_metrics
+from lightning_real.models.generate import GenerationConfig
+from lightning_real.models.optim import OptimConfig
+from lightning_real.models.shard import ModelShard
+from lightning_real.models.train import split_for_dp
+from lightning_real.module import ModelSource, RealContext
+from lightning_real.modules.calls import (
+    Rows,
+    gather_rows,
+    generate_call,
+    logprob_call,
+    minibatches,
+    reward_call,
+)
+from lightning_real.modules.rollout import RewardSource, RolloutModule
+
+
+class GRPOModule(RolloutModule):
+    """GRPO (DeepSeekMath), run by :class:`~lightning_real.strategy.RealStrategy`.
+
+    Args:
+        actor, reward, ref: as :class:`~lightning_real.modules.ppo.PPOModule` (no critic).
+        batch_size: prompts per iteration (the data module's batch size); the iteration trains
+            on ``batch_size * group_size`` sequences.
+        group_size: responses per prompt; overrides ``grpo.group_size`` when given.
+        generation: sampling settings (EOS and pad default to the tokenizer's).
+        grpo: GRPO hyper-parameters.
+        actor_optim: AdamW settings.
+        minibatches: optimizer steps per iteration (1: on-policy).
+        n_mbs, tokenizer, seed: as PPOModule.
+    """
+
+    homes: ClassVar[dict[str, str]] = {"actor": "actor_train", "ref": "ref_inf", "reward": "rew_inf"}
+
+    def __init__(
+        self,
+        actor: ModelSource,
+        reward: RewardSource | None = None,
+        ref: ModelSource | None = None,
+        *,
+        batch_size: int = 8,
+        group_size: int | None = None,
+        generation: GenerationConfig | None = None,
+        grpo: GRPOConfig | None = None,
+        actor_optim: OptimConfig | None = None,
+        minibatches: int = 1,
+        n_mbs: int | Mapping[str, int] = 1,
+        tokenizer: str | Path | Any | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            actor,
+            reward,
+            ref,
+            batch_size=batch_size,
+            generation=generation,
+            n_mbs=n_mbs,
+            tokenizer=tokenizer,
+            seed=seed,
+        )
+        cfg = grpo or GRPOConfig()
+        self.grpo = cfg if group_size is None else replace(cfg, group_size=group_size)
+        self.actor_optim = actor_optim or OptimConfig(lr=1e-5)
+        if not isinstance(minibatches, int) or minibatches < 1:
+            raise ValueError(f"GRPOModule minibatches={minibatches!r}; allowed: an integer >= 1")
+        self.minibatches = minibatches
+
+    @property
+    def use_ref(self) -> bool:
+        """Whether the graph has a reference call (a KL weight of 0 drops it)."""
+        return self.grpo.kl_coef > 0
+
+    def real_graph(self) -> Any:
+        from lightning_real.dataflow import grpo_graph
+
+        return grpo_graph(
+            self.batch_size * self.grpo.group_size,
+            self.grpo.group_size,
+            self.n_mbs,
+            minibatches=self.minibatches,
+            use_ref=self.use_ref,
+            gen_len=self.generation.max_new_tokens,
+        )
+
+    def real_setup(self, strategy: Any) -> RealContext:
+        mbs = strategy.microbatches
+        self.build_pool(strategy)
+        # 'seq-mean-token-mean' sums per-sequence means: normalise by the number of sequences.
+        norm = "action_mask" if self.grpo.loss_agg == "token-mean" else None
+        self.build_engine("actor", self._loss, self.actor_optim, mbs["actor_train"], norm_key=norm)
+
+        def n(call: str) -> Callable[[], int]:
+            return lambda: mbs[call]
+
+        fns = {
+            "actor_gen": generate_call(self.generation, self.seed_of_step, group_size=self.grpo.group_size),
+            "rew_inf": reward_call(self.reward_rule, n("rew_inf")),
+            "actor_train": self._train,
+        }
+        if self.use_ref:
+            fns["ref_inf"] = logprob_call(n("ref_inf"))
+        return RealContext(fns, self.pool.move, self.pool.release)
+
+    def _loss(self, out: torch.Tensor, mb: Rows) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        from lightning_real.models.vocab_parallel import vocab_parallel_logprobs
+
+        logp = vocab_parallel_logprobs(out[:, :-1], mb["input_ids"][:, 1:], self.engines["actor"].tp_group)
+        ref = mb.get("ref_logp")
+        return grpo_loss(logp, mb["old_logp"], ref, mb["advantages"], mb["action_mask"], self.grpo, "sum")
+
+    def _train(self, shard: ModelShard, x: Rows) -> tuple[Rows, dict[str, float]]:
+        g = shard.groups
+        full = gather_rows(x, g.dp, g.layout.dp)
+        mask = full["loss_mask"][:, 1:]
+        adv = group_advantages(full["rewards"], self.grpo.group_size, self.grpo.scale_by_std, self.grpo.eps)
+        rows: Rows = {
+            "input_ids": full["seq"],
+            "attention_mask": full["attention_mask"],
+            "action_mask": mask.float(),
+            "old_logp": full["old_logp"],
+            "advantages": adv,
+        }
+        if "ref_logp" in full:
+            rows["ref_logp"] = full["ref_logp"]
+        sums: dict[str, float] = {}
+        batches = minibatches(rows, self.minibatches)
+        for mb in batches:
+            for k, v in self.engines["actor"].step(split_for_dp(mb, g.layout.dp, g.dp_rank)).items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        metrics = {k if "/" in k else f"actor/{k}": v / len(batches) for k, v in sums.items()}
+        metrics.update(grpo_metrics(full["rewards"], self.grpo.group_size, mask))
+        metrics["perf/tokens"] = float(full["attention_mask"].sum())
+        return {}, metrics

@@ -1,0 +1,227 @@
+"""PPO with an actor, a critic, a reference and a reward (model or rule), each call on its own layout.
+
+One iteration is the graph of :func:`lightning_real.dataflow.ppo_graph`: ``actor_gen`` samples
+responses, ``ref_inf``, ``rew_inf`` and ``critic_inf`` score them, ``actor_train`` and
+``critic_train`` take PPO steps. Both train calls gather the global batch over their
+data-parallel group and compute the same experience from it (KL-shaped rewards, GAE, whitened
+advantages), so the update does not depend on the layouts; each then steps on its replica's
+share of every minibatch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from lightning_real.algorithms.masked import RunningMeanStd
+from lightning_real.algorithms.ppo import (
+    PPOConfig,
+    actor_loss,
+    critic_loss,
+    explained_variance,
+    kl_controller,
+    ppo_experience,
+)
+from lightning_real.models.generate import GenerationConfig
+from lightning_real.models.optim import OptimConfig
+from lightning_real.models.shard import ModelShard
+from lightning_real.models.train import split_for_dp
+from lightning_real.module import ModelSource, RealContext
+from lightning_real.modules.calls import (
+    Rows,
+    gather_rows,
+    generate_call,
+    logprob_call,
+    minibatches,
+    reward_call,
+    value_call,
+)
+from lightning_real.modules.rollout import RewardSource, RolloutModule
+
+
+class PPOModule(RolloutModule):
+    """PPO for language models, run by :class:`~lightning_real.strategy.RealStrategy`.
+
+    Args:
+        actor: HF checkpoint folder or ModelSpec (random init) of the policy.
+        critic: value model; None builds it from the actor's source with a value head (zero
+            initialised when the actor is a causal-LM folder).
+        reward: a reward model (HF folder or ModelSpec with a value head; its score is the value
+            at the last token), or a rule ``(seq, attention_mask, loss_mask) -> [B]``; None uses
+            the shipped task's rule (:class:`lightning_real.data.task.TaskReward`).
+        ref: reference model for the KL penalty; None uses the actor's source (frozen).
+        batch_size: prompts (= sequences) per iteration; the data module's batch size.
+        generation: sampling settings; EOS and pad default to the tokenizer's.
+        ppo: PPO hyper-parameters.
+        actor_optim, critic_optim: AdamW settings of the two trained models.
+        n_mbs: microbatches per data-parallel replica, one count or per call (a plan's
+            microbatches take precedence).
+        tokenizer: tokenizer folder (None: the byte tokenizer the shipped task uses).
+        seed: seed of random inits and of sampling.
+    """
+
+    homes: ClassVar[dict[str, str]] = {
+        "actor": "actor_train",
+        "critic": "critic_train",
+        "ref": "ref_inf",
+        "reward": "rew_inf",
+    }
+    trained: ClassVar[tuple[str, ...]] = ("actor", "critic")
+
+    def __init__(
+        self,
+        actor: ModelSource,
+        critic: ModelSource | None = None,
+        reward: RewardSource | None = None,
+        ref: ModelSource | None = None,
+        *,
+        batch_size: int = 8,
+        generation: GenerationConfig | None = None,
+        ppo: PPOConfig | None = None,
+        actor_optim: OptimConfig | None = None,
+        critic_optim: OptimConfig | None = None,
+        n_mbs: int | Mapping[str, int] = 1,
+        tokenizer: str | Path | Any | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            actor,
+            reward,
+            ref,
+            critic,
+            batch_size=batch_size,
+            generation=generation,
+            n_mbs=n_mbs,
+            tokenizer=tokenizer,
+            seed=seed,
+        )
+        self.ppo = ppo or PPOConfig()
+        self.actor_optim = actor_optim or OptimConfig(lr=1e-5)
+        self.critic_optim = critic_optim or OptimConfig(lr=1e-5)
+        self.controllers: dict[str, Any] = {}
+        self.normalizers: dict[str, RunningMeanStd] = {}
+
+    # ---- what runs -------------------------------------------------------------------------------
+    def real_graph(self) -> Any:
+        from lightning_real.dataflow import ppo_graph
+
+        return ppo_graph(
+            self.batch_size,
+            self.n_mbs,
+            minibatches=self.ppo.minibatches,
+            gen_len=self.generation.max_new_tokens,
+        )
+
+    # ---- set-up on every rank ---------------------------------------------------------------------
+    def real_setup(self, strategy: Any) -> RealContext:
+        mbs = strategy.microbatches
+        self.build_pool(strategy)
+        self.build_engine("actor", self._actor_loss, self.actor_optim, mbs["actor_train"])
+        self.build_engine("critic", self._critic_loss, self.critic_optim, mbs["critic_train"])
+        self.controllers = {c: kl_controller(self.ppo) for c in ("actor_train", "critic_train")}
+        self.normalizers = {c: RunningMeanStd() for c in ("actor_train", "critic_train")}
+
+        def n(call: str) -> Callable[[], int]:
+            return lambda: mbs[call]
+
+        fns = {
+            "actor_gen": generate_call(self.generation, self.seed_of_step),
+            "ref_inf": logprob_call(n("ref_inf")),
+            "rew_inf": reward_call(self.reward_rule, n("rew_inf")),
+            "critic_inf": value_call(n("critic_inf")),
+            "actor_train": self._train_call("actor_train", "actor"),
+            "critic_train": self._train_call("critic_train", "critic"),
+        }
+        return RealContext(fns, self.pool.move, self.pool.release)
+
+    # ---- losses (called by the training engine on each microbatch) --------------------------------
+    def _actor_loss(self, out: torch.Tensor, mb: Rows) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        from lightning_real.models.vocab_parallel import vocab_parallel_entropy, vocab_parallel_logprobs
+
+        tp = self.engines["actor"].tp_group
+        logits = out[:, :-1]
+        logp = vocab_parallel_logprobs(logits, mb["input_ids"][:, 1:], tp)
+        if self.ppo.entropy_coef:
+            entropy = vocab_parallel_entropy(logits, tp)
+        else:  # reported only: no graph needed
+            with torch.no_grad():
+                entropy = vocab_parallel_entropy(logits.detach(), tp)
+        return actor_loss(
+            logp, mb["old_logp"], mb["advantages"], mb["action_mask"], self.ppo, entropy, reduction="sum"
+        )
+
+    def _critic_loss(self, out: torch.Tensor, mb: Rows) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        values = out.squeeze(-1).float()[:, :-1]
+        return critic_loss(
+            values, mb["old_values"], mb["returns"], mb["action_mask"], self.ppo, reduction="sum"
+        )
+
+    # ---- train calls -------------------------------------------------------------------------------
+    def _train_call(
+        self, call: str, role: str
+    ) -> Callable[[ModelShard, Rows], tuple[Rows, dict[str, float]]]:
+        def fn(shard: ModelShard, x: Rows) -> tuple[Rows, dict[str, float]]:
+            g = shard.groups
+            full = gather_rows(x, g.dp, g.layout.dp)
+            exp, mask = self._experience(call, full)
+            rows: Rows = {
+                "input_ids": full["seq"],
+                "attention_mask": full["attention_mask"],
+                "action_mask": mask.float(),
+            }
+            if role == "actor":
+                rows.update(old_logp=full["old_logp"], advantages=exp.advantages)
+            else:
+                rows.update(old_values=exp.values, returns=exp.returns)
+            engine = self.engines[role]
+            sums: dict[str, float] = {}
+            steps = 0
+            for _ in range(self.ppo.ppo_epochs):
+                # Global minibatch i is the same rows under every dp; each replica takes its share.
+                for mb in minibatches(rows, self.ppo.minibatches):
+                    m = engine.step(split_for_dp(mb, g.layout.dp, g.dp_rank))
+                    for k, v in m.items():
+                        sums[k] = sums.get(k, 0.0) + float(v)
+                    steps += 1
+            metrics = {k if "/" in k else f"{role}/{k}": v / steps for k, v in sums.items()}
+            metrics.update(exp.metrics)
+            if role == "critic":
+                metrics["critic/vf_explained_var"] = explained_variance(exp.values, exp.returns, mask)
+            metrics["perf/tokens"] = float(full["attention_mask"].sum())
+            return {}, metrics
+
+        return fn
+
+    def _experience(self, call: str, full: Rows) -> tuple[Any, torch.Tensor]:
+        """PPO experience of the global batch; updates the call's KL controller and score statistics."""
+        mask = full["loss_mask"][:, 1:]
+        ctrl = self.controllers[call]
+        exp = ppo_experience(
+            full["rewards"],
+            full["values"],
+            full["old_logp"],
+            full["ref_logp"],
+            mask,
+            full["no_eos"],
+            self.ppo,
+            kl_coef=ctrl.value,
+            normalizer=self.normalizers[call],
+        )
+        ctrl.update(exp.metrics["actor/ref_kl"], n_steps=int(mask.shape[0]))
+        return exp, mask
+
+    # ---- checkpoints --------------------------------------------------------------------------------
+    def extra_state(self) -> dict[str, Any]:
+        return {
+            "kl": {c: k.value for c, k in self.controllers.items()},
+            "normalizers": {c: n.state_dict() for c, n in self.normalizers.items()},
+        }
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        for c, v in state.get("kl", {}).items():
+            self.controllers[c].value = float(v)
+        for c, s in state.get("normalizers", {}).items():
+            self.normalizers[c].load_state_dict(s)

@@ -1,0 +1,62 @@
+"""Shared by the RLHF module tests: a 4-process gloo Trainer.fit and a weight dump after it."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import CSVLogger
+
+from lightning_real.data.modules import PromptDataModule
+from lightning_real.data.task import asset
+from lightning_real.strategy import RealStrategy
+
+
+class DumpWeights(Callback):
+    """After fit every rank joins the gathers; each model's first rank saves ``<out>/<role>.pt``."""
+
+    def __init__(self, out: Path, roles: tuple[str, ...]) -> None:
+        self.out = out
+        self.roles = roles
+
+    def on_train_end(self, trainer: Trainer, module: Any) -> None:
+        from lightning_real.models.hf import gather_canonical
+
+        for role in self.roles:
+            tensors = gather_canonical(module.pool.models[role].home)
+            if tensors is not None:
+                torch.save(tensors, self.out / f"{role}.pt")
+
+
+def fit(
+    module: LightningModule,
+    plan: Any,
+    out: Path,
+    steps: int,
+    batch: int,
+    roles: tuple[str, ...] = ("actor",),
+    logger: Any = None,
+    **strategy: Any,
+) -> list[dict[str, str]]:
+    """Train ``module`` for ``steps`` iterations on 4 CPU processes; the CSV rows with metrics."""
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(
+        strategy=RealStrategy(plan=plan, start_method="spawn", **strategy),
+        accelerator="cpu",
+        devices=4,
+        max_steps=steps,
+        logger=logger if logger is not None else CSVLogger(out, name="csv"),
+        callbacks=[DumpWeights(out, roles)],
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+        log_every_n_steps=1,
+    )
+    trainer.fit(module, datamodule=PromptDataModule(asset("prompts"), batch_size=batch, max_prompt_len=24))
+    if logger is not None:
+        return []
+    with open(next(out.rglob("metrics.csv"))) as f:
+        return [r for r in csv.DictReader(f) if r.get("timing_s/iteration")]
