@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_real.data.modules import PromptDataModule
@@ -39,9 +40,13 @@ def fit(
     batch: int,
     roles: tuple[str, ...] = ("actor",),
     logger: Any = None,
+    callbacks: tuple[Callback, ...] = (),
+    ckpt_path: str | None = None,
     **strategy: Any,
 ) -> list[dict[str, str]]:
-    """Train ``module`` for ``steps`` iterations on 4 CPU processes; the CSV rows with metrics."""
+    """Train ``module`` for ``steps`` iterations on 4 CPU processes; the CSV rows with metrics.
+
+    ``callbacks`` may include a ModelCheckpoint; ``ckpt_path`` resumes from a checkpoint."""
     out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(
         strategy=RealStrategy(plan=plan, start_method="spawn", **strategy),
@@ -49,13 +54,14 @@ def fit(
         devices=4,
         max_steps=steps,
         logger=logger if logger is not None else CSVLogger(out, name="csv"),
-        callbacks=[DumpWeights(out, roles)],
-        enable_checkpointing=False,
+        callbacks=[DumpWeights(out, roles), *callbacks],
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
         enable_model_summary=False,
         enable_progress_bar=False,
         log_every_n_steps=1,
     )
-    trainer.fit(module, datamodule=PromptDataModule(asset("prompts"), batch_size=batch, max_prompt_len=24))
+    data = PromptDataModule(asset("prompts"), batch_size=batch, max_prompt_len=24)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     if logger is not None:
         return []
     with open(next(out.rglob("metrics.csv"))) as f:

@@ -172,16 +172,12 @@ class RolloutModule(RLHFModule):
     def real_state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"extra": self.extra_state()}
         for role, engine in self.engines.items():
-            home = self.pool.models[role].home
-            state[role] = {ps.local_name: p.detach().clone() for ps, p in home.params()}
+            state[role] = self.shard_state_dict(role)
             state[f"{role}_optim"] = engine.state_dict()
         return state
 
     def load_real_state_dict(self, state: dict[str, Any]) -> None:
         for role, engine in self.engines.items():
-            home = self.pool.models[role].home
-            with torch.no_grad():
-                for ps, p in home.params():
-                    p.copy_(state[role][ps.local_name])
+            self.load_shard_state_dict(role, state[role])
             engine.load_state_dict(state[f"{role}_optim"])
         self.load_extra_state(state.get("extra", {}))
