@@ -170,9 +170,28 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
 
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    from lightning_real.recipes.run import add_arguments
+
+    r = sub.add_parser(
+        "run",
+        help="train a recipe: a YAML file plus KEY=VALUE overrides",
+        description=(
+            "Train a recipe (sft, rw, ppo, grpo, remax, dpo) from a YAML file with dotted KEY=VALUE "
+            "overrides, e.g. 'lightning-real run recipes/ppo.yaml actor.path=... trainer.devices=4'. "
+            "Also runs under torchrun -m lightning_real.recipes.run. See docs/recipes.md."
+        ),
+    )
+    add_arguments(r)
+    r.set_defaults(func=_run)
+
+
 def _run(args: argparse.Namespace) -> int:
-    print("lightning-real run: not yet available")
-    return 2
+    from lightning_real.recipes.run import execute
+
+    # The recipe's own arguments: when they end this process's command line, Lightning may
+    # start the other ranks by re-running it.
+    return execute(args, [a for a in (args.recipe, *args.overrides) if a is not None])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,9 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     _add_plan(sub)
-    r = sub.add_parser("run", help="train a recipe (not yet available)")
-    r.add_argument("recipe", nargs="?", help="recipe YAML")
-    r.set_defaults(func=_run)
+    _add_run(sub)
     return parser
 
 

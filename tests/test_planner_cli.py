@@ -81,9 +81,9 @@ def test_unknown_recipe_lists_presets() -> None:
         main(["plan", "gpt5", "--steps", "1", "--no-progress"])
 
 
-def test_run_is_not_yet_available(capsys: pytest.CaptureFixture[str]) -> None:
+def test_run_without_a_recipe_asks_for_one(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run"]) == 2
-    assert "not yet available" in capsys.readouterr().out
+    assert "give a recipe YAML" in capsys.readouterr().err
 
 
 def test_recipe_yaml_with_sizes_and_hf_config(tmp_path: Path) -> None:

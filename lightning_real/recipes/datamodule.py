@@ -1,0 +1,40 @@
+"""The LightningDataModule of a recipe, with its rows read (and checked) before any launch."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+from lightning.pytorch import LightningDataModule
+
+from lightning_real.data.modules import DataConfig
+from lightning_real.recipes.errors import RecipeError
+from lightning_real.recipes.schema import USES, Recipe
+
+
+def make_datamodule(recipe: Recipe) -> LightningDataModule:
+    """The data module of the recipe's algorithm, its tokenizer loaded and its rows read.
+
+    Reading here, in the launching process, turns a bad row into one message before any worker
+    starts; spawned workers receive the rows already read.
+    """
+    from lightning_real.data.modules import PreferenceDataModule, PromptDataModule, SFTDataModule
+    from lightning_real.data.rows import DataError
+
+    kind = USES[recipe.algorithm].data
+    cls = {"prompts": PromptDataModule, "sft": SFTDataModule, "preference": PreferenceDataModule}[kind]
+    d = recipe.data
+    config = DataConfig(**{f.name: getattr(d, f.name) for f in fields(DataConfig)})
+    try:
+        dm = cls(d.train, tokenizer=d.tokenizer, val=d.val, config=config)
+        dm.setup("fit")
+    except (DataError, OSError) as e:
+        raise RecipeError(str(e)) from None
+    except (ValueError, TypeError) as e:
+        raise RecipeError(f"data: {e}") from None
+    n = len(dm.train_set)  # type: ignore[arg-type]
+    if n < d.batch_size:
+        raise RecipeError(
+            f"key 'data.batch_size': {d.batch_size} is more than the {n} rows of {d.train} "
+            "(after the length limits); lower it or give more data"
+        )
+    return dm

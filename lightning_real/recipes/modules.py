@@ -1,0 +1,102 @@
+"""The LightningModule of a recipe: its algorithm's module, with each role's model source.
+
+Modules are imported only for the algorithm a recipe names, so a recipe of one algorithm runs
+whatever state the other modules are in.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from lightning.pytorch import LightningModule
+
+from lightning_real.recipes.errors import RecipeError
+from lightning_real.recipes.schema import ModelSourceConfig, Recipe
+
+MODULES: dict[str, tuple[str, str]] = {
+    "sft": ("lightning_real.modules.sft", "SFTModule"),
+    "rw": ("lightning_real.modules.rw", "RewardModelModule"),
+    "ppo": ("lightning_real.modules.ppo", "PPOModule"),
+    "grpo": ("lightning_real.modules.grpo", "GRPOModule"),
+    "remax": ("lightning_real.modules.remax", "ReMaxModule"),
+    "dpo": ("lightning_real.modules.dpo", "DPOModule"),
+}
+"""Algorithm -> (Python module, class) of its LightningModule."""
+
+
+def module_class(algorithm: str) -> type[LightningModule]:
+    """The LightningModule class of ``algorithm``."""
+    path, name = MODULES[algorithm]
+    try:
+        return getattr(importlib.import_module(path), name)
+    except (ImportError, AttributeError) as e:
+        raise RecipeError(
+            f"algorithm {algorithm!r} needs {path}.{name}, which cannot be imported ({e})"
+        ) from None
+
+
+def model_source(src: ModelSourceConfig, tokenizer: Any) -> Any:
+    """What a module takes for a role: an HF folder, a tiny ModelSpec, a reward rule, or None."""
+    if src.path is not None:
+        return src.path
+    if src.tiny is not None:
+        from lightning_real.models.spec import tiny_spec
+
+        return tiny_spec(src.tiny)
+    if src.rule is not None:
+        from lightning_real.data.task import TaskReward
+
+        return TaskReward(tokenizer)
+    return None
+
+
+def make_module(recipe: Recipe, tokenizer: Any) -> LightningModule:
+    """The recipe's LightningModule (models are built later, when the strategy sets up)."""
+    cls = module_class(recipe.algorithm)
+    src = {
+        role: model_source(getattr(recipe, role), tokenizer) for role in ("actor", "critic", "reward", "ref")
+    }
+    common: dict[str, Any] = {
+        "batch_size": recipe.data.batch_size,
+        "n_mbs": recipe.n_mbs,
+        "seed": recipe.trainer.seed,
+    }
+    rl: dict[str, Any] = {
+        "generation": recipe.generation,
+        "actor_optim": recipe.optim,
+        "tokenizer": tokenizer,
+    }
+    a = recipe.algorithm
+    try:
+        if a == "sft":
+            return cls(src["actor"], optim=recipe.optim, **common)
+        if a == "rw":
+            return cls(src["reward"], optim=recipe.optim, **common)
+        if a == "dpo":
+            return cls(src["actor"], src["ref"], dpo=recipe.dpo, optim=recipe.optim, **common)
+        if a == "ppo":
+            return cls(
+                src["actor"],
+                src["critic"],
+                src["reward"],
+                src["ref"],
+                ppo=recipe.ppo,
+                critic_optim=recipe.critic_optim,
+                **rl,
+                **common,
+            )
+        if a == "grpo":
+            return cls(
+                src["actor"],
+                src["reward"],
+                src["ref"],
+                group_size=recipe.grpo.group_size,
+                grpo=recipe.grpo,
+                **rl,
+                **common,
+            )
+        return cls(src["actor"], src["reward"], src["ref"], ppo=recipe.ppo, **rl, **common)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        # e.g. the graph rejecting n_mbs, or actor and reference vocabularies that differ
+        raise RecipeError(f"{cls.__name__}: {e}") from None
