@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -194,6 +195,30 @@ def _run(args: argparse.Namespace) -> int:
     return execute(args, [a for a in (args.recipe, *args.overrides) if a is not None])
 
 
+def _add_plot(sub: argparse._SubParsersAction) -> None:
+    from lightning_real.recipes.plot import DEFAULT_KEYS
+
+    p = sub.add_parser("plot", help="draw a run's metrics over steps into a PNG")
+    p.add_argument("run", help="run folder (a recipe's output_dir) or a metrics.csv file")
+    p.add_argument("--out", default=None, help="PNG to write (default: RUN/metrics.png)")
+    p.add_argument(
+        "--keys", nargs="+", default=list(DEFAULT_KEYS), help=f"metrics to draw (default: {' '.join(DEFAULT_KEYS)})"
+    )
+    p.set_defaults(func=_plot_run)
+
+
+def _plot_run(args: argparse.Namespace) -> int:
+    from lightning_real.recipes.plot import PlotError, plot
+
+    out = args.out or str(Path(args.run) / "metrics.png")
+    try:
+        print(plot(args.run, out, args.keys))
+    except PlotError as e:
+        print(f"lightning-real plot: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with its subcommands (each subcommand registers itself here)."""
     parser = argparse.ArgumentParser(prog="lightning-real", description="RLHF with parameter reallocation.")
@@ -201,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     _add_plan(sub)
     _add_run(sub)
+    _add_plot(sub)
     return parser
 
 

@@ -75,7 +75,8 @@ class TrainerConfig:
     seed: int = 0
     """Seed of every process (``seed_everything``) and of randomly initialised models."""
     logger: Literal["csv", "wandb", "none"] = "csv"
-    """'csv': output_dir/logs/version_N/metrics.csv; 'wandb': Weights & Biases; 'none': no logger."""
+    """'csv': output_dir/logs/version_N/metrics.csv; 'wandb': Weights & Biases (and the CSV file);
+    'none': no logger."""
     wandb_project: str = "lightning-real"
     """W&B project (logger='wandb')."""
     wandb_name: str | None = None

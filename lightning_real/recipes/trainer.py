@@ -20,19 +20,24 @@ from lightning_real.recipes.validate import export_roles
 
 
 def make_logger(recipe: Recipe) -> Any:
-    """The Lightning logger of ``trainer.logger`` (False for 'none')."""
+    """The Lightning loggers of ``trainer.logger`` (False for 'none').
+
+    W&B runs also keep the CSV file, so ``lightning-real plot`` works without the W&B server.
+    """
     t = recipe.trainer
+    if t.logger == "none":
+        return False
+    from lightning.pytorch.loggers import CSVLogger
+
+    csv = CSVLogger(save_dir=t.output_dir, name="logs")
     if t.logger == "csv":
-        from lightning.pytorch.loggers import CSVLogger
+        return csv
+    from lightning.pytorch.loggers import WandbLogger
 
-        return CSVLogger(save_dir=t.output_dir, name="logs")
-    if t.logger == "wandb":
-        from lightning.pytorch.loggers import WandbLogger
-
-        return WandbLogger(
-            project=t.wandb_project, name=t.wandb_name, save_dir=t.output_dir, offline=t.wandb_offline
-        )
-    return False
+    wandb = WandbLogger(
+        project=t.wandb_project, name=t.wandb_name, save_dir=t.output_dir, offline=t.wandb_offline
+    )
+    return [wandb, csv]
 
 
 def make_callbacks(recipe: Recipe) -> list[Any]:
