@@ -24,7 +24,13 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "recipe",
-        help="recipe YAML, or a preset: llama2-7b, llama2-13b, llama2-34b, llama2-70b, ppo-7b, ..., tiny",
+        help="recipe YAML (planner or PPO training recipe), or a preset: llama2-7b, ..., ppo-7b, ..., tiny",
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="overrides of the recipe YAML, e.g. actor.path=/models/sft",
     )
     p.add_argument("--nodes", type=int, default=1, help="nodes in the cluster (default 1)")
     p.add_argument("--gpus-per-node", type=int, default=8, help="devices per node (default 8)")
@@ -90,7 +96,11 @@ def _plan(args: argparse.Namespace) -> int:
     hw = _profile(args)
     try:
         workload = workload_from_recipe(
-            args.recipe, batch_size=args.batch_size, prompt_len=args.prompt_len, gen_len=args.gen_len
+            args.recipe,
+            args.overrides,
+            batch_size=args.batch_size,
+            prompt_len=args.prompt_len,
+            gen_len=args.gen_len,
         )
         cluster = Cluster(args.nodes, args.gpus_per_node, hw)
         cfg = SearchConfig(steps=args.steps, seed=args.seed)
@@ -202,7 +212,10 @@ def _add_plot(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", help="run folder (a recipe's output_dir) or a metrics.csv file")
     p.add_argument("--out", default=None, help="PNG to write (default: RUN/metrics.png)")
     p.add_argument(
-        "--keys", nargs="+", default=list(DEFAULT_KEYS), help=f"metrics to draw (default: {' '.join(DEFAULT_KEYS)})"
+        "--keys",
+        nargs="+",
+        default=list(DEFAULT_KEYS),
+        help=f"metrics to draw (default: {' '.join(DEFAULT_KEYS)})",
     )
     p.set_defaults(func=_plot_run)
 

@@ -23,6 +23,8 @@ from lightning_real.layout import Layout, LayoutError
 from lightning_real.models.spec import ModelSpec
 
 PLAN_NAMES: tuple[str, ...] = ("symmetric", "disjoint", "search")
+PLANNER_REPORT_KEYS: tuple[str, ...] = ("cluster", "predicted_iteration_s", "baselines_s")
+"""What ``lightning-real plan`` writes beside the layouts (read, not used, so its plan.yaml runs as is)."""
 """Plans :func:`resolve_plan` builds by name."""
 
 
@@ -74,7 +76,7 @@ class Plan:
         if "plan" in data and isinstance(data["plan"], Mapping):
             data = data["plan"]
         if "layouts" in data:
-            extra = sorted(set(data) - {"layouts", "microbatches", "name"})
+            extra = sorted(set(data) - {"layouts", "microbatches", "name", *PLANNER_REPORT_KEYS})
             if extra:
                 raise PlanError(f"plan {name}: unknown sections {extra}; allowed: layouts, microbatches")
             return cls(

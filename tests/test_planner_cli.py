@@ -203,3 +203,57 @@ def test_runtime_resolves_plan_search_through_the_planner() -> None:
             lay = plan.layouts[c.name]
             assert lay.ranks is not None and max(lay.ranks) < 4
             assert c.batch_size % lay.dp == 0 and (c.batch_size // c.group_size) % lay.dp == 0
+
+
+def test_plan_reads_training_recipes_with_overrides(tmp_path: Path) -> None:
+    from lightning_real.models.hf import save_tiny_hf
+    from lightning_real.models.spec import tiny_spec
+    from lightning_real.planner.recipe import workload_from_recipe
+
+    root = Path(__file__).resolve().parents[1]
+    tiny = workload_from_recipe(str(root / "recipes" / "tiny" / "ppo.yaml"))
+    assert tiny.roles()["actor"] == tiny_spec("llama")
+    assert tiny.roles()["reward"].head == "value"  # a rule reward, priced as the actor's size
+    # the full recipe's ??? paths come from KEY=VALUE overrides, as for `lightning-real run`
+    folder = save_tiny_hf(tiny_spec("qwen2"), tmp_path / "sft")
+    full = root / "recipes" / "ppo.yaml"
+    with pytest.raises(ValueError, match=r"actor\.path"):
+        workload_from_recipe(str(full))
+    w = workload_from_recipe(
+        str(full), [f"actor.path={folder}", f"reward.path={folder}", "data.train=x.jsonl"]
+    )
+    assert w.roles()["actor"].family == "qwen2" and w.roles()["critic"].head == "value"
+    assert (
+        main(
+            [
+                "plan",
+                str(full),
+                f"actor.path={folder}",
+                f"reward.path={folder}",
+                "data.train=x.jsonl",
+                "--steps",
+                "50",
+                "--no-progress",
+                "--gpu",
+                "cpu-gloo",
+                "--gpus-per-node",
+                "4",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 0
+    )
+    from lightning_real.plans import Plan
+
+    written = Plan.from_yaml(tmp_path / "o" / "plan.yaml")  # a recipe's plan=plan-out/plan.yaml reads it
+    assert set(written.layouts) == {
+        "actor_gen",
+        "ref_inf",
+        "rew_inf",
+        "critic_inf",
+        "actor_train",
+        "critic_train",
+    }
+    with pytest.raises(ValueError, match="prices PPO recipes"):
+        workload_from_recipe(str(root / "recipes" / "tiny" / "sft.yaml"))

@@ -9,12 +9,18 @@ Keys read (top level, or under a ``planner:`` section that takes precedence; see
   actor's trunk, the reward to the critic.
 * ``batch_size`` (512), ``prompt_len`` (128), ``gen_len`` (128), ``ppo_minibatches`` (1);
   also accepted inside ``ppo:`` or ``data:`` sections.
+
+A training recipe of ``lightning-real run`` (one with ``algorithm: ppo``, see docs/recipes.md)
+is read as well: its roles (``path``: an HF folder, ``tiny``: a tiny model of that family, a
+reward ``rule`` priced as the actor's size), ``data.batch_size``, ``data.max_prompt_len``,
+``generation.max_new_tokens`` and ``ppo.minibatches``; ``KEY=VALUE`` overrides fill its ``???``.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,6 +47,8 @@ def model_from(entry: Any, head: Literal["lm", "value"], where: str, base: Path 
             "or a mapping with hf_config or ModelSpec fields"
         )
     if isinstance(entry, dict):
+        if "tiny" in entry:
+            return tiny_spec(entry["tiny"], head)
         if "hf_config" in entry:
             return _from_hf(Path(entry["hf_config"]), head, where, base)
         fields = dict(entry)
@@ -73,19 +81,34 @@ def _from_hf(path: Path, head: Literal["lm", "value"], where: str, base: Path | 
     return ModelSpec.from_hf_config(cfg, head=head)
 
 
-def workload_from_recipe(source: str, **overrides: Any) -> Workload:
-    """The PPO workload of a recipe YAML path or a preset name; ``overrides`` replace scalars
-    (``batch_size``, ``prompt_len``, ``gen_len``, ``ppo_minibatches``) when not None."""
+def workload_from_recipe(source: str, dotlist: Sequence[str] = (), **overrides: Any) -> Workload:
+    """The PPO workload of a recipe YAML path or a preset name; ``dotlist`` holds ``KEY=VALUE``
+    overrides of the YAML, ``overrides`` replace scalars (``batch_size``, ``prompt_len``,
+    ``gen_len``, ``ppo_minibatches``) when not None."""
     path = Path(source)
     if path.suffix in (".yaml", ".yml") or path.is_file():
         if not path.is_file():
             raise ValueError(f"recipe {source!r} does not exist")
         from omegaconf import OmegaConf
+        from omegaconf.errors import OmegaConfBaseException
 
-        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        from lightning_real.recipes.load import _register_resolvers
+
+        _register_resolvers()  # ${asset:...} of the training recipes
+        try:
+            conf = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(list(dotlist)))
+            raw = OmegaConf.to_container(conf, resolve=True, throw_on_missing=True)
+        except OmegaConfBaseException as e:
+            key = getattr(e, "full_key", None)
+            where = f" at {key} (set it with {key}=...)" if key else ""
+            raise ValueError(f"recipe {source!r}: {str(e).splitlines()[0]}{where}") from None
         if not isinstance(raw, dict):
             raise ValueError(f"recipe {source!r}: expected a mapping at the top level")
+        if "algorithm" in raw:
+            raw = _from_run_recipe(raw, str(path))
         return _from_mapping(raw, str(path), path.parent, overrides)
+    if dotlist:
+        raise ValueError(f"KEY=VALUE overrides {list(dotlist)} need a recipe YAML, not the preset {source!r}")
     key = source.strip().lower()
     if key not in PRESETS:
         raise ValueError(
@@ -93,6 +116,37 @@ def workload_from_recipe(source: str, **overrides: Any) -> Workload:
         )
     model = "tiny" if key == "tiny" else key.split("-", 1)[1]
     return _from_mapping({"models": {"actor": model}}, key, None, overrides)
+
+
+def _from_run_recipe(raw: dict[str, Any], name: str) -> dict[str, Any]:
+    """The planner's keys from a ``lightning-real run`` recipe."""
+    if raw["algorithm"] != "ppo":
+        raise ValueError(
+            f"recipe {name}: algorithm={raw['algorithm']!r}; the plan command prices PPO recipes "
+            "(other algorithms: set plan: search in the recipe, which searches their own graph)"
+        )
+    models: dict[str, Any] = {}
+    for role in ("actor", "critic", "ref", "reward"):
+        entry = raw.get(role)
+        if not isinstance(entry, dict):
+            continue
+        if entry.get("path"):
+            models[role] = {"hf_config": entry["path"]}
+        elif entry.get("tiny"):
+            models[role] = {"tiny": entry["tiny"]}
+    if "reward" not in models and "actor" in models:
+        models["reward"] = models["actor"]  # a rule has no model: priced as the actor's size
+    data, gen, ppo = (raw.get(k) or {} for k in ("data", "generation", "ppo"))
+    out: dict[str, Any] = {"models": models}
+    for key, value in (
+        ("batch_size", data.get("batch_size")),
+        ("prompt_len", data.get("max_prompt_len")),
+        ("gen_len", gen.get("max_new_tokens")),
+        ("ppo_minibatches", ppo.get("minibatches")),
+    ):
+        if value is not None:
+            out[key] = value
+    return out
 
 
 def _from_mapping(raw: dict[str, Any], name: str, base: Path | None, overrides: dict[str, Any]) -> Workload:
