@@ -38,6 +38,8 @@ class GRPOConfig:
     loss_agg: Literal["seq-mean-token-mean", "token-mean"] = "seq-mean-token-mean"
     """'seq-mean-token-mean': mean over each response's tokens, then over responses (the paper);
     'token-mean': one mean over all tokens of the batch (DAPO)."""
+    minibatches: int = 1
+    """Optimizer steps per iteration, each on a 1/minibatches share of the batch (1: on-policy)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.group_size, int) or self.group_size < 2:
@@ -46,6 +48,8 @@ class GRPOConfig:
             v = getattr(self, f)
             if not isinstance(v, int | float) or v < 0:
                 raise ValueError(f"GRPOConfig.{f}={v!r}; allowed: a number >= 0")
+        if not isinstance(self.minibatches, int) or self.minibatches < 1:
+            raise ValueError(f"GRPOConfig.minibatches={self.minibatches!r}; allowed: an integer >= 1")
         if self.loss_agg not in LOSS_AGGS:
             raise ValueError(f"GRPOConfig.loss_agg={self.loss_agg!r}; allowed: {', '.join(LOSS_AGGS)}")
 

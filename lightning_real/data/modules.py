@@ -35,7 +35,9 @@ class DataConfig:
     truncation: Truncation = "left"
     """Rows over the limit: 'left' cuts the prompt's oldest tokens, 'reject' drops the row."""
     seed: int = 0
-    """Seed of the shuffling."""
+    """Seed of the shuffling when the module samples by itself. Under RealStrategy, Lightning's
+    distributed sampler shuffles instead, with the run's seed (``seed_everything``) and the
+    epoch, which keeps the order exact on resume."""
     shuffle: bool = True
     """Shuffle the training rows every epoch."""
     drop_last: bool = True

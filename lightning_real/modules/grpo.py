@@ -43,7 +43,6 @@ class GRPOModule(RolloutModule):
         generation: sampling settings (EOS and pad default to the tokenizer's).
         grpo: GRPO hyper-parameters.
         actor_optim: AdamW settings.
-        minibatches: optimizer steps per iteration (1: on-policy).
         n_mbs, tokenizer, seed: as PPOModule.
     """
 
@@ -60,7 +59,6 @@ class GRPOModule(RolloutModule):
         generation: GenerationConfig | None = None,
         grpo: GRPOConfig | None = None,
         actor_optim: OptimConfig | None = None,
-        minibatches: int = 1,
         n_mbs: int | Mapping[str, int] = 1,
         tokenizer: str | Path | Any | None = None,
         seed: int = 0,
@@ -78,9 +76,6 @@ class GRPOModule(RolloutModule):
         cfg = grpo or GRPOConfig()
         self.grpo = cfg if group_size is None else replace(cfg, group_size=group_size)
         self.actor_optim = actor_optim or OptimConfig(lr=1e-5)
-        if not isinstance(minibatches, int) or minibatches < 1:
-            raise ValueError(f"GRPOModule minibatches={minibatches!r}; allowed: an integer >= 1")
-        self.minibatches = minibatches
 
     @property
     def use_ref(self) -> bool:
@@ -94,7 +89,7 @@ class GRPOModule(RolloutModule):
             self.batch_size * self.grpo.group_size,
             self.grpo.group_size,
             self.n_mbs,
-            minibatches=self.minibatches,
+            minibatches=self.grpo.minibatches,
             use_ref=self.use_ref,
             gen_len=self.generation.max_new_tokens,
         )
@@ -140,7 +135,7 @@ class GRPOModule(RolloutModule):
         if "ref_logp" in full:
             rows["ref_logp"] = full["ref_logp"]
         sums: dict[str, float] = {}
-        batches = minibatches(rows, self.minibatches)
+        batches = minibatches(rows, self.grpo.minibatches)
         for mb in batches:
             for k, v in self.engines["actor"].step(split_for_dp(mb, g.layout.dp, g.dp_rank)).items():
                 sums[k] = sums.get(k, 0.0) + float(v)
