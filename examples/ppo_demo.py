@@ -71,7 +71,11 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     spec = tiny_spec("llama")
-    actor = save_tiny_hf(spec, out / "init" / "actor", seed=0)
+    actor = out / "init" / "actor"
+    # The launcher re-runs this script for ranks 1-3 once the first process is in fit: they find
+    # the checkpoint it wrote (the same seed gives the same weights) instead of rewriting it.
+    if not (actor / "config.json").is_file():
+        save_tiny_hf(spec, actor, seed=0)
 
     logger = (
         WandbLogger(project="lightning-real-demo", save_dir=str(out), offline=True)

@@ -129,6 +129,14 @@ class RealStrategy(DDPStrategy):
             data_group=self.data_group,
         )
 
+    @override
+    def teardown(self) -> None:
+        module = self.lightning_module
+        trainer = getattr(module, "_trainer", None) if module is not None else None
+        if trainer is not None and self._start_method != "popen":
+            _finish_wandb_runs(trainer.loggers)
+        super().teardown()
+
     def run_iteration(self, batch: dict[str, torch.Tensor], step: int = 0) -> dict[str, float]:
         """Run one dataflow iteration on every rank; returns the metrics of all ranks, reduced."""
         assert self.executor is not None and self.tracer is not None
@@ -404,6 +412,19 @@ class EpochPositionLoader:
 
 
 _END = object()
+
+
+def _finish_wandb_runs(loggers: list[Any]) -> None:
+    """Flush and close the W&B runs of a spawned worker.
+
+    Workers started by multiprocessing end with ``os._exit``, which skips the exit hooks that
+    would flush a W&B run; without this its last records (in offline mode: all of them, on a
+    short run) never reach the run file.
+    """
+    for logger in loggers:
+        run = getattr(logger, "_experiment", None)
+        if type(logger).__name__ == "WandbLogger" and run is not None and hasattr(run, "finish"):
+            run.finish()
 
 
 def _register() -> None:
