@@ -237,3 +237,14 @@ def test_score_sequences_decodes_generated_rows():
     am = torch.tensor([[0] + [1] * 13 + [0], [0] + [1] * 14])
     lm = torch.tensor([[0] * 11 + [1, 1, 1, 0], [0] * 11 + [1, 1, 1, 1]])
     assert score_sequences(TOK, seq, am, lm).tolist() == [1.0, pytest.approx((0.25 + 1 + 0) / 3)]
+
+
+def test_only_a_module_with_validation_rows_has_a_val_loader():
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    without = PromptDataModule(asset("prompts"), batch_size=4)
+    assert not is_overridden("val_dataloader", without)  # Lightning skips validation, no warning
+    with_val = PromptDataModule(asset("prompts"), val=asset("prompts_eval"), batch_size=4)
+    assert is_overridden("val_dataloader", with_val)
+    batch = next(iter(with_val.val_dataloader()))
+    assert batch["prompts"].shape[0] == 4

@@ -94,6 +94,10 @@ class _TextDataModule(LightningDataModule):
         self.tokenizer = load_tokenizer(tokenizer)
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        if self.val_path is not None:
+            # Only a module given validation rows has a val loader: Lightning then neither builds
+            # an empty loop nor warns about a loader without a validation_step.
+            self.val_dataloader = self._val_dataloader  # type: ignore[method-assign]
 
     def setup(self, stage: str | None = None) -> None:
         lim = self.config.limits()
@@ -132,9 +136,10 @@ class _TextDataModule(LightningDataModule):
         assert self.train_set is not None
         return self._loader(self.train_set, train=True)
 
-    def val_dataloader(self) -> DataLoader | list:
+    def _val_dataloader(self) -> DataLoader:
         self.setup("validate")
-        return [] if self.val_set is None else self._loader(self.val_set, train=False)
+        assert self.val_set is not None
+        return self._loader(self.val_set, train=False)
 
 
 class PromptDataModule(_TextDataModule):
