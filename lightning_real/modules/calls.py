@@ -70,32 +70,30 @@ def generate_call(
     return fn
 
 
-def logprob_call(n_mbs: Callable[[], int], out_key: str = "ref_logp", in_prefix: str = "") -> CallFn:
+def logprob_call(n_mbs: int, out_key: str = "ref_logp", in_prefix: str = "") -> CallFn:
     """``ref_inf``: log-probabilities of the sequence's tokens, zero off the response."""
     from lightning_real.models.forward import forward_logprobs
 
     def fn(shard: ModelShard, x: Rows) -> tuple[Rows, dict[str, float]]:
         seq, am, lm = (x[in_prefix + k] for k in ("seq", "attention_mask", "loss_mask"))
-        lp = forward_logprobs(shard, seq, am, n_mbs=n_mbs())
+        lp = forward_logprobs(shard, seq, am, n_mbs=n_mbs)
         return {out_key: lp * lm[:, 1:].to(lp.device, lp.dtype)}, {}
 
     return fn
 
 
-def value_call(n_mbs: Callable[[], int]) -> CallFn:
+def value_call(n_mbs: int) -> CallFn:
     """``critic_inf``: per-token values ``[B, S]``, zero on padding."""
     from lightning_real.models.forward import forward_values
 
     def fn(shard: ModelShard, x: Rows) -> tuple[Rows, dict[str, float]]:
-        v = forward_values(shard, x["seq"], x["attention_mask"], n_mbs=n_mbs())
+        v = forward_values(shard, x["seq"], x["attention_mask"], n_mbs=n_mbs)
         return {"values": v * x["attention_mask"].to(v.device, v.dtype)}, {}
 
     return fn
 
 
-def reward_call(
-    rule: RewardFn | None, n_mbs: Callable[[], int], in_prefix: str = "", out_key: str = "rewards"
-) -> CallFn:
+def reward_call(rule: RewardFn | None, n_mbs: int, in_prefix: str = "", out_key: str = "rewards") -> CallFn:
     """``rew_inf``: one score per sequence, from a rule (``rule``) or a reward model (the shard).
 
     A reward model's score is its value-head output at the sequence's last real token.
@@ -110,7 +108,7 @@ def reward_call(
             from lightning_real.models.forward import forward_values
 
             assert shard is not None
-            scores = last_token_scores(forward_values(shard, seq, am, n_mbs=n_mbs()), am)
+            scores = last_token_scores(forward_values(shard, seq, am, n_mbs=n_mbs), am)
         return {out_key: scores}, {}
 
     return fn
@@ -133,7 +131,52 @@ def gather_rows(rows: Rows, dp_group: Any, dp: int) -> Rows:
     return out
 
 
-def minibatches(rows: Rows, n: int) -> list[Rows]:
-    """``n`` contiguous minibatches of a replica's rows (PPO's optimizer steps per pass)."""
-    parts = {k: torch.tensor_split(v, n, 0) for k, v in rows.items()}
-    return [{k: parts[k][i] for k in rows} for i in range(n)]
+def train_rows(full: Rows) -> Rows:
+    """What every policy or value train step reads of the global batch: the tokens, their
+    padding mask and the action mask (``loss_mask[:, 1:]``, the response tokens)."""
+    return {
+        "input_ids": full["seq"],
+        "attention_mask": full["attention_mask"],
+        "action_mask": full["loss_mask"][:, 1:].float(),
+    }
+
+
+def train_steps(
+    engine: Any, rows: Rows, groups: Any, minibatches: int, epochs: int, prefix: str
+) -> dict[str, float]:
+    """``epochs`` passes of ``minibatches`` optimizer steps over the global batch ``rows``.
+
+    Global minibatch i is the same rows under every data-parallel degree; each replica steps on
+    its share of it. Returns the engine's metrics averaged over the steps, bare names (``loss``,
+    ``grad_norm``, ``lr``) under ``prefix/``.
+    """
+    from lightning_real.models.train import split_for_dp, split_microbatches
+
+    sums: dict[str, float] = {}
+    steps = 0
+    for _ in range(epochs):
+        for mb in split_microbatches(rows, minibatches):
+            for k, v in engine.step(split_for_dp(mb, groups.layout.dp, groups.dp_rank)).items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            steps += 1
+    return {k if "/" in k else f"{prefix}/{k}": v / steps for k, v in sums.items()}
+
+
+def policy_step_loss(
+    out: torch.Tensor, mb: Rows, cfg: Any, tp_group: Any
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The clipped policy loss (minus the entropy bonus) of one microbatch, from its
+    vocabulary-parallel logits; the entropy is always reported, with a graph only when weighted."""
+    from lightning_real.algorithms.ppo import actor_loss
+    from lightning_real.models.vocab_parallel import vocab_parallel_entropy, vocab_parallel_logprobs
+
+    logits = out[:, :-1]
+    logp = vocab_parallel_logprobs(logits, mb["input_ids"][:, 1:], tp_group)
+    if cfg.entropy_coef:
+        entropy = vocab_parallel_entropy(logits, tp_group)
+    else:
+        with torch.no_grad():
+            entropy = vocab_parallel_entropy(logits.detach(), tp_group)
+    return actor_loss(
+        logp, mb["old_logp"], mb["advantages"], mb["action_mask"], cfg, entropy, reduction="sum"
+    )

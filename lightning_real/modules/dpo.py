@@ -105,7 +105,7 @@ class DPOModule(RLHFModule):
             raise ValueError(
                 f"actor and reference vocabularies differ ({self.spec.vocab_size} vs {self.ref_spec.vocab_size})"
             )
-        self.graph = self.real_graph()  # checks batch_size and n_mbs now rather than at setup
+        self.real_graph()  # checks batch_size and n_mbs now rather than at setup
 
     def real_graph(self) -> Any:
         from lightning_real.dataflow import dpo_graph
@@ -128,13 +128,11 @@ class DPOModule(RLHFModule):
         from lightning_real.realloc import Reallocator
         from lightning_real.runtime.pool import ModelPool, PooledModel
 
-        def mbs(call: str) -> int:  # the plan may set a call's microbatches
-            return strategy.microbatches.get(call, self.graph.call(call).n_mbs)
-
         def home(call: str, source: ModelSource, spec: ModelSpec) -> Any:
             return load_home(source, spec, strategy.registry.for_layout(strategy.plan[call]), self.seed)
 
-        train_mbs, ref_mbs = mbs("actor_train"), mbs("ref_inf")
+        # every call's microbatches: the plan's, else the graph's (resolved by the strategy)
+        train_mbs, ref_mbs = strategy.microbatches["actor_train"], strategy.microbatches["ref_inf"]
         actor = home("actor_train", self.actor_source, self.spec)
         ref = home("ref_inf", self.ref_source, self.ref_spec)
         if ref.module is not None:

@@ -8,7 +8,7 @@ layout, then steps on its replica's share.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -19,15 +19,15 @@ from lightning_real.algorithms.grpo import GRPOConfig, group_advantages, grpo_lo
 from lightning_real.models.generate import GenerationConfig
 from lightning_real.models.optim import OptimConfig
 from lightning_real.models.shard import ModelShard
-from lightning_real.models.train import split_for_dp
 from lightning_real.module import ModelSource, RealContext
 from lightning_real.modules.calls import (
     Rows,
     gather_rows,
     generate_call,
     logprob_call,
-    minibatches,
     reward_call,
+    train_rows,
+    train_steps,
 )
 from lightning_real.modules.rollout import RewardSource, RolloutModule
 
@@ -101,16 +101,13 @@ class GRPOModule(RolloutModule):
         norm = "action_mask" if self.grpo.loss_agg == "token-mean" else None
         self.build_engine("actor", self._loss, self.actor_optim, mbs["actor_train"], norm_key=norm)
 
-        def n(call: str) -> Callable[[], int]:
-            return lambda: mbs[call]
-
         fns = {
             "actor_gen": generate_call(self.generation, self.seed_of_step, group_size=self.grpo.group_size),
-            "rew_inf": reward_call(self.reward_rule, n("rew_inf")),
+            "rew_inf": reward_call(self.reward_rule, mbs["rew_inf"]),
             "actor_train": self._train,
         }
         if self.use_ref:
-            fns["ref_inf"] = logprob_call(n("ref_inf"))
+            fns["ref_inf"] = logprob_call(mbs["ref_inf"])
         return RealContext(fns, self.pool.move, self.pool.release)
 
     def _loss(self, out: torch.Tensor, mb: Rows) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -125,21 +122,10 @@ class GRPOModule(RolloutModule):
         full = gather_rows(x, g.dp, g.layout.dp)
         mask = full["loss_mask"][:, 1:]
         adv = group_advantages(full["rewards"], self.grpo.group_size, self.grpo.scale_by_std, self.grpo.eps)
-        rows: Rows = {
-            "input_ids": full["seq"],
-            "attention_mask": full["attention_mask"],
-            "action_mask": mask.float(),
-            "old_logp": full["old_logp"],
-            "advantages": adv,
-        }
+        rows = {**train_rows(full), "old_logp": full["old_logp"], "advantages": adv}
         if "ref_logp" in full:
             rows["ref_logp"] = full["ref_logp"]
-        sums: dict[str, float] = {}
-        batches = minibatches(rows, self.grpo.minibatches)
-        for mb in batches:
-            for k, v in self.engines["actor"].step(split_for_dp(mb, g.layout.dp, g.dp_rank)).items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-        metrics = {k if "/" in k else f"actor/{k}": v / len(batches) for k, v in sums.items()}
+        metrics = train_steps(self.engines["actor"], rows, g, self.grpo.minibatches, 1, "actor")
         metrics.update(grpo_metrics(full["rewards"], self.grpo.group_size, mask))
         metrics["perf/tokens"] = float(full["attention_mask"].sum())
         return {}, metrics

@@ -19,7 +19,6 @@ import torch
 from lightning_real.algorithms.masked import RunningMeanStd
 from lightning_real.algorithms.ppo import (
     PPOConfig,
-    actor_loss,
     critic_loss,
     explained_variance,
     kl_controller,
@@ -28,15 +27,16 @@ from lightning_real.algorithms.ppo import (
 from lightning_real.models.generate import GenerationConfig
 from lightning_real.models.optim import OptimConfig
 from lightning_real.models.shard import ModelShard
-from lightning_real.models.train import split_for_dp
 from lightning_real.module import ModelSource, RealContext
 from lightning_real.modules.calls import (
     Rows,
     gather_rows,
     generate_call,
     logprob_call,
-    minibatches,
+    policy_step_loss,
     reward_call,
+    train_rows,
+    train_steps,
     value_call,
 )
 from lightning_real.modules.rollout import RewardSource, RolloutModule
@@ -123,15 +123,11 @@ class PPOModule(RolloutModule):
         self.build_engine("critic", self._critic_loss, self.critic_optim, mbs["critic_train"])
         self.controllers = {c: kl_controller(self.ppo) for c in ("actor_train", "critic_train")}
         self.normalizers = {c: RunningMeanStd() for c in ("actor_train", "critic_train")}
-
-        def n(call: str) -> Callable[[], int]:
-            return lambda: mbs[call]
-
         fns = {
             "actor_gen": generate_call(self.generation, self.seed_of_step),
-            "ref_inf": logprob_call(n("ref_inf")),
-            "rew_inf": reward_call(self.reward_rule, n("rew_inf")),
-            "critic_inf": value_call(n("critic_inf")),
+            "ref_inf": logprob_call(mbs["ref_inf"]),
+            "rew_inf": reward_call(self.reward_rule, mbs["rew_inf"]),
+            "critic_inf": value_call(mbs["critic_inf"]),
             "actor_train": self._train_call("actor_train", "actor"),
             "critic_train": self._train_call("critic_train", "critic"),
         }
@@ -139,19 +135,7 @@ class PPOModule(RolloutModule):
 
     # ---- losses (called by the training engine on each microbatch) --------------------------------
     def _actor_loss(self, out: torch.Tensor, mb: Rows) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        from lightning_real.models.vocab_parallel import vocab_parallel_entropy, vocab_parallel_logprobs
-
-        tp = self.engines["actor"].tp_group
-        logits = out[:, :-1]
-        logp = vocab_parallel_logprobs(logits, mb["input_ids"][:, 1:], tp)
-        if self.ppo.entropy_coef:
-            entropy = vocab_parallel_entropy(logits, tp)
-        else:  # reported only: no graph needed
-            with torch.no_grad():
-                entropy = vocab_parallel_entropy(logits.detach(), tp)
-        return actor_loss(
-            logp, mb["old_logp"], mb["advantages"], mb["action_mask"], self.ppo, entropy, reduction="sum"
-        )
+        return policy_step_loss(out, mb, self.ppo, self.engines["actor"].tp_group)
 
     def _critic_loss(self, out: torch.Tensor, mb: Rows) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         values = out.squeeze(-1).float()[:, :-1]
@@ -167,26 +151,14 @@ class PPOModule(RolloutModule):
             g = shard.groups
             full = gather_rows(x, g.dp, g.layout.dp)
             exp, mask = self._experience(call, full)
-            rows: Rows = {
-                "input_ids": full["seq"],
-                "attention_mask": full["attention_mask"],
-                "action_mask": mask.float(),
-            }
+            rows = train_rows(full)
             if role == "actor":
                 rows.update(old_logp=full["old_logp"], advantages=exp.advantages)
             else:
                 rows.update(old_values=exp.values, returns=exp.returns)
-            engine = self.engines[role]
-            sums: dict[str, float] = {}
-            steps = 0
-            for _ in range(self.ppo.ppo_epochs):
-                # Global minibatch i is the same rows under every dp; each replica takes its share.
-                for mb in minibatches(rows, self.ppo.minibatches):
-                    m = engine.step(split_for_dp(mb, g.layout.dp, g.dp_rank))
-                    for k, v in m.items():
-                        sums[k] = sums.get(k, 0.0) + float(v)
-                    steps += 1
-            metrics = {k if "/" in k else f"{role}/{k}": v / steps for k, v in sums.items()}
+            metrics = train_steps(
+                self.engines[role], rows, g, self.ppo.minibatches, self.ppo.ppo_epochs, role
+            )
             metrics.update(exp.metrics)
             if role == "critic":
                 metrics["critic/vf_explained_var"] = explained_variance(exp.values, exp.returns, mask)

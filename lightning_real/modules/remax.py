@@ -8,25 +8,27 @@ responses, and ``actor_train`` takes one on-policy step.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
-from lightning_real.algorithms.ppo import PPOConfig, actor_loss
+from lightning_real.algorithms.ppo import PPOConfig
 from lightning_real.algorithms.remax import remax_advantages
 from lightning_real.models.generate import GenerationConfig
 from lightning_real.models.optim import OptimConfig
 from lightning_real.models.shard import ModelShard
-from lightning_real.models.train import split_for_dp
 from lightning_real.module import ModelSource, RealContext
 from lightning_real.modules.calls import (
     Rows,
     gather_rows,
     generate_call,
     logprob_call,
+    policy_step_loss,
     reward_call,
+    train_rows,
+    train_steps,
 )
 from lightning_real.modules.rollout import RewardSource, RolloutModule
 
@@ -92,35 +94,23 @@ class ReMaxModule(RolloutModule):
         self.build_pool(strategy)
         self.build_engine("actor", self._loss, self.actor_optim, mbs["actor_train"])
 
-        def n(call: str) -> Callable[[], int]:
-            return lambda: mbs[call]
-
         fns = {
             "actor_gen": generate_call(self.generation, self.seed_of_step),
             "actor_gen_greedy": generate_call(
                 self.generation, self.seed_of_step, greedy=True, out_prefix="greedy_", keys=GREEDY_KEYS
             ),
-            "rew_inf": reward_call(self.reward_rule, n("rew_inf")),
+            "rew_inf": reward_call(self.reward_rule, mbs["rew_inf"]),
             "rew_inf_greedy": reward_call(
-                self.reward_rule, n("rew_inf_greedy"), in_prefix="greedy_", out_key="greedy_rewards"
+                self.reward_rule, mbs["rew_inf_greedy"], in_prefix="greedy_", out_key="greedy_rewards"
             ),
             "actor_train": self._train,
         }
         if self.use_ref:
-            fns["ref_inf"] = logprob_call(n("ref_inf"))
+            fns["ref_inf"] = logprob_call(mbs["ref_inf"])
         return RealContext(fns, self.pool.move, self.pool.release)
 
     def _loss(self, out: torch.Tensor, mb: Rows) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        from lightning_real.models.vocab_parallel import vocab_parallel_entropy, vocab_parallel_logprobs
-
-        tp = self.engines["actor"].tp_group
-        logits = out[:, :-1]
-        logp = vocab_parallel_logprobs(logits, mb["input_ids"][:, 1:], tp)
-        with torch.no_grad():
-            entropy = vocab_parallel_entropy(logits.detach(), tp)
-        return actor_loss(
-            logp, mb["old_logp"], mb["advantages"], mb["action_mask"], self.ppo, entropy, reduction="sum"
-        )
+        return policy_step_loss(out, mb, self.ppo, self.engines["actor"].tp_group)
 
     def _train(self, shard: ModelShard, x: Rows) -> tuple[Rows, dict[str, float]]:
         g = shard.groups
@@ -136,14 +126,7 @@ class ReMaxModule(RolloutModule):
             self.ppo.kl_coef,
             self.ppo.kl_estimator,
         )
-        rows: Rows = {
-            "input_ids": full["seq"],
-            "attention_mask": full["attention_mask"],
-            "action_mask": mask.float(),
-            "old_logp": full["old_logp"],
-            "advantages": adv,
-        }
-        step = self.engines["actor"].step(split_for_dp(rows, g.layout.dp, g.dp_rank))
-        metrics.update({k if "/" in k else f"actor/{k}": float(v) for k, v in step.items()})
+        rows = {**train_rows(full), "old_logp": full["old_logp"], "advantages": adv}
+        metrics.update(train_steps(self.engines["actor"], rows, g, 1, 1, "actor"))
         metrics["perf/tokens"] = float(full["attention_mask"].sum())
         return {}, metrics

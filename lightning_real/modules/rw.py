@@ -53,7 +53,7 @@ class RewardModelModule(RLHFModule):
         self.n_mbs = n_mbs
         self.seed = seed
         self.spec = spec_of(model, "value")
-        self.graph = self.real_graph()  # checks batch_size and n_mbs now rather than at setup
+        self.real_graph()  # checks batch_size and n_mbs now rather than at setup
 
     def real_graph(self) -> Any:
         from lightning_real.dataflow import rw_graph
@@ -86,7 +86,7 @@ class RewardModelModule(RLHFModule):
             return loss, {"rw/" + k.split("/", 1)[1]: v for k, v in m.items()}
 
         # norm_key None: the summed loss and metrics are divided by the number of pairs (rows).
-        n_mbs = strategy.microbatches.get("rew_train", self.n_mbs)  # the plan may set it
+        n_mbs = strategy.microbatches["rew_train"]  # the plan's, else the graph's
         cfg = TrainConfig(n_mbs=n_mbs, norm_key=None, optim=self.optim)
         self.engine = TrainEngine(home, loss_fn, cfg)
         self.pool = ModelPool()
