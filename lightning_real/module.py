@@ -147,23 +147,15 @@ class RLHFModule(LightningModule):
         ``copy_files_from`` adds an HF folder's non-weight files (tokenizer, generation config).
         The folder is swapped in atomically; a failure on any rank raises on every rank.
         """
-        import torch.distributed as dist
-
+        from lightning_real.distributed.agree import on_every_rank
         from lightning_real.models.hf import CheckpointError
         from lightning_real.models.hf import save_hf as write
 
-        error: str | None = None
-        try:
-            write(self.home_shard(role), folder, copy_files_from)
-        except Exception as e:  # every rank must learn of it, or the others would wait forever
-            error = f"rank {dist.get_rank() if dist.is_initialized() else 0}: {type(e).__name__}: {e}"
-        errors = [error]
-        if dist.is_initialized():
-            errors = [None] * dist.get_world_size()
-            dist.all_gather_object(errors, error)
-        failed = [e for e in errors if e is not None]
-        if failed:
-            raise CheckpointError(f"save_hf({role!r}, {folder}) failed: {'; '.join(failed)}")
+        on_every_rank(
+            lambda: write(self.home_shard(role), folder, copy_files_from),
+            f"save_hf({role!r}, {folder}) failed",
+            CheckpointError,
+        )
         return Path(folder).absolute()
 
     # ---- Lightning ----------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
+from lightning_real.distributed.agree import on_every_rank
 from lightning_real.distributed.groups import GroupRegistry
 from lightning_real.layout import Layout
 from lightning_real.models.hf import CheckpointError
@@ -216,18 +217,7 @@ class RealStrategy(DDPStrategy):
 
     def _on_every_rank(self, what: str, fn: Any) -> None:
         """Run ``fn`` here; if it failed on any rank, raise :class:`CheckpointError` on every rank."""
-        error = None
-        try:
-            fn()
-        except Exception as e:  # reported to every rank, or the others would wait forever
-            error = f"rank {self.global_rank}: {type(e).__name__}: {e}"
-        errors: list[Any] = [error]
-        if dist.is_available() and dist.is_initialized():
-            errors = [None] * dist.get_world_size()
-            dist.all_gather_object(errors, error)
-        failed = [e for e in errors if e is not None]
-        if failed:
-            raise CheckpointError(f"{what} failed; nothing was replaced: {'; '.join(failed)}")
+        on_every_rank(fn, f"{what} failed; nothing was replaced", CheckpointError)
 
     def _plan_strings(self) -> dict[str, str]:
         return {k: str(v) for k, v in sorted(self.plan.items())}
