@@ -205,7 +205,7 @@ def test_runtime_resolves_plan_search_through_the_planner() -> None:
             assert c.batch_size % lay.dp == 0 and (c.batch_size // c.group_size) % lay.dp == 0
 
 
-def test_plan_reads_training_recipes_with_overrides(tmp_path: Path) -> None:
+def test_plan_reads_training_recipes_with_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from lightning_real.models.hf import save_tiny_hf
     from lightning_real.models.spec import tiny_spec
     from lightning_real.planner.recipe import workload_from_recipe
@@ -223,6 +223,10 @@ def test_plan_reads_training_recipes_with_overrides(tmp_path: Path) -> None:
         str(full), [f"actor.path={folder}", f"reward.path={folder}", "data.train=x.jsonl"]
     )
     assert w.roles()["actor"].family == "qwen2" and w.roles()["critic"].head == "value"
+    # a relative model path means what it means to `lightning-real run`: from the working folder
+    monkeypatch.chdir(tmp_path)
+    rel = workload_from_recipe(str(full), ["actor.path=sft", "reward.path=sft", "data.train=x.jsonl"])
+    assert rel.roles()["actor"] == w.roles()["actor"]
     assert (
         main(
             [

@@ -89,12 +89,17 @@ def workload_from_recipe(source: str, dotlist: Sequence[str] = (), **overrides: 
     if path.suffix in (".yaml", ".yml") or path.is_file():
         if not path.is_file():
             raise ValueError(f"recipe {source!r} does not exist")
+        if _is_run_recipe(path):
+            from lightning_real.recipes.load import load_recipe
+
+            # Read as `lightning-real run` reads it (its checks and messages); model paths are
+            # relative to the working folder there, not to the recipe's.
+            return _from_mapping(
+                _from_run_recipe(load_recipe(path, dotlist), str(path)), str(path), None, overrides
+            )
         from omegaconf import OmegaConf
         from omegaconf.errors import OmegaConfBaseException
 
-        from lightning_real.recipes.load import _register_resolvers
-
-        _register_resolvers()  # ${asset:...} of the training recipes
         try:
             conf = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(list(dotlist)))
             raw = OmegaConf.to_container(conf, resolve=True, throw_on_missing=True)
@@ -104,8 +109,6 @@ def workload_from_recipe(source: str, dotlist: Sequence[str] = (), **overrides: 
             raise ValueError(f"recipe {source!r}: {str(e).splitlines()[0]}{where}") from None
         if not isinstance(raw, dict):
             raise ValueError(f"recipe {source!r}: expected a mapping at the top level")
-        if "algorithm" in raw:
-            raw = _from_run_recipe(raw, str(path))
         return _from_mapping(raw, str(path), path.parent, overrides)
     if dotlist:
         raise ValueError(f"KEY=VALUE overrides {list(dotlist)} need a recipe YAML, not the preset {source!r}")
@@ -118,35 +121,40 @@ def workload_from_recipe(source: str, dotlist: Sequence[str] = (), **overrides: 
     return _from_mapping({"models": {"actor": model}}, key, None, overrides)
 
 
-def _from_run_recipe(raw: dict[str, Any], name: str) -> dict[str, Any]:
-    """The planner's keys from a ``lightning-real run`` recipe."""
-    if raw["algorithm"] != "ppo":
+def _is_run_recipe(path: Path) -> bool:
+    """Whether ``path`` is a training recipe of ``lightning-real run`` (it names an algorithm)."""
+    import yaml
+
+    try:
+        top = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"recipe {str(path)!r}: not valid YAML: {str(e).splitlines()[0]}") from None
+    return isinstance(top, dict) and "algorithm" in top
+
+
+def _from_run_recipe(recipe: Any, name: str) -> dict[str, Any]:
+    """The planner's keys from a loaded ``lightning-real run`` recipe (``recipes.schema.Recipe``)."""
+    if recipe.algorithm != "ppo":
         raise ValueError(
-            f"recipe {name}: algorithm={raw['algorithm']!r}; the plan command prices PPO recipes "
+            f"recipe {name}: algorithm={recipe.algorithm!r}; the plan command prices PPO recipes "
             "(other algorithms: set plan: search in the recipe, which searches their own graph)"
         )
     models: dict[str, Any] = {}
     for role in ("actor", "critic", "ref", "reward"):
-        entry = raw.get(role)
-        if not isinstance(entry, dict):
-            continue
-        if entry.get("path"):
-            models[role] = {"hf_config": entry["path"]}
-        elif entry.get("tiny"):
-            models[role] = {"tiny": entry["tiny"]}
+        src = getattr(recipe, role)
+        if src.path is not None:
+            models[role] = {"hf_config": src.path}
+        elif src.tiny is not None:
+            models[role] = {"tiny": src.tiny}
     if "reward" not in models and "actor" in models:
         models["reward"] = models["actor"]  # a rule has no model: priced as the actor's size
-    data, gen, ppo = (raw.get(k) or {} for k in ("data", "generation", "ppo"))
-    out: dict[str, Any] = {"models": models}
-    for key, value in (
-        ("batch_size", data.get("batch_size")),
-        ("prompt_len", data.get("max_prompt_len")),
-        ("gen_len", gen.get("max_new_tokens")),
-        ("ppo_minibatches", ppo.get("minibatches")),
-    ):
-        if value is not None:
-            out[key] = value
-    return out
+    return {
+        "models": models,
+        "batch_size": recipe.data.batch_size,
+        "prompt_len": recipe.data.max_prompt_len,
+        "gen_len": recipe.generation.max_new_tokens,
+        "ppo_minibatches": recipe.ppo.minibatches,
+    }
 
 
 def _from_mapping(raw: dict[str, Any], name: str, base: Path | None, overrides: dict[str, Any]) -> Workload:
