@@ -7,7 +7,8 @@ prompts, every row to full length), inference as ``forward_logprobs`` (vocab-par
 of every token, broadcast from the last stage) and training as one ``TrainEngine.step``
 (megatron-core pipeline schedule, forward and backward, data-parallel gradient average,
 gradient clipping, AdamW); and compare each with the cost model's prediction for that layout,
-priced as the backend runs (unfused attention, replicated AdamW: ``RUNTIME_COST``).
+priced with the features these calls were built with (fp32, megatron-core's local attention,
+replicated AdamW: ``REFERENCE``).
 
     python benchmarks/planner_fidelity.py            # prints a markdown table and the median error
     python benchmarks/planner_fidelity.py --json out.json
@@ -27,7 +28,9 @@ import torch
 import torch.distributed as dist
 
 from lightning_real.compat import device
+from lightning_real.dataflow import MFC
 from lightning_real.distributed.groups import GroupRegistry
+from lightning_real.features import REFERENCE
 from lightning_real.layout import Layout
 from lightning_real.models.forward import forward_logprobs
 from lightning_real.models.generate import GenerationConfig, generate
@@ -35,10 +38,8 @@ from lightning_real.models.shard import ModelShard
 from lightning_real.models.spec import ModelSpec
 from lightning_real.models.train import INPUT_IDS, TrainConfig, TrainEngine, split_for_dp
 from lightning_real.models.vocab_parallel import vocab_parallel_logprobs
-from lightning_real.planner.auto import RUNTIME_COST
 from lightning_real.planner.cost import call_cost
 from lightning_real.planner.hardware import Cluster, HardwareProfile
-from lightning_real.planner.workload import CallSpec
 
 SPEC = ModelSpec(
     family="llama",
@@ -131,13 +132,12 @@ def _load() -> str:
 
 
 def predict(kind: str, text: str, m: int, hw: HardwareProfile, world: int) -> float:
-    """The cost model's time for one measured case, priced as the backend runs it (unfused
-    attention, replicated AdamW)."""
+    """The cost model's time for one measured case, priced with the features it ran with."""
     lay = Layout.parse(text)
     prompt, new = (GEN_PROMPT, GEN_NEW) if kind == "generate" else (SEQ, 0)
-    call = CallSpec(kind, "actor", kind, SPEC, batch_size=BATCH[kind], prompt_len=prompt, gen_len=new)  # type: ignore[arg-type]
+    call = MFC(kind, "actor", kind, (), (), batch_size=BATCH[kind], prompt_len=prompt, gen_len=new)  # type: ignore[arg-type]
     cluster = Cluster(1, world, hw)
-    return call_cost(call, lay.dp, lay.tp, lay.pp, m, cluster, RUNTIME_COST).time
+    return call_cost(call, SPEC, lay.dp, lay.tp, lay.pp, m, cluster, REFERENCE).time
 
 
 def main(argv: list[str] | None = None) -> int:

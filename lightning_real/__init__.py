@@ -6,6 +6,7 @@ import sys
 from typing import Any
 
 from lightning_real.layout import Layout, LayoutError, parse_layout
+from lightning_real.registry import MODULE_PATHS
 
 __all__ = [
     "DPOModule",
@@ -17,6 +18,7 @@ __all__ = [
     "ReMaxModule",
     "RealStrategy",
     "RewardModelModule",
+    "RuntimeFeatures",
     "SFTModule",
     "parse_layout",
 ]
@@ -24,13 +26,9 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "RealStrategy": "lightning_real.strategy",
-    "PPOModule": "lightning_real.modules.ppo",
     "RLHFModule": "lightning_real.module",
-    "SFTModule": "lightning_real.modules.sft",
-    "GRPOModule": "lightning_real.modules.grpo",
-    "ReMaxModule": "lightning_real.modules.remax",
-    "DPOModule": "lightning_real.modules.dpo",
-    "RewardModelModule": "lightning_real.modules.rw",
+    "RuntimeFeatures": "lightning_real.features",
+    **MODULE_PATHS,
 }
 
 

@@ -88,10 +88,11 @@ def _plan(args: argparse.Namespace) -> int:
     import yaml
 
     from lightning_real.planner.hardware import Cluster, save_profile
-    from lightning_real.planner.recipe import workload_from_recipe
     from lightning_real.planner.report import comparison_table, plan_table
     from lightning_real.planner.search import SearchConfig, search
+    from lightning_real.planner.simulate import SimResult
     from lightning_real.planner.timeline import plot_timeline
+    from lightning_real.recipes.planning import workload_from_recipe
 
     hw = _profile(args)
     try:
@@ -139,6 +140,7 @@ def _plan(args: argparse.Namespace) -> int:
     text = "\n".join(
         [
             head,
+            f"priced as run: {w.features.describe()}",
             "",
             plan_table(result.plan, result.sim, hw.usable_mem),
             "",
@@ -156,8 +158,10 @@ def _plan(args: argparse.Namespace) -> int:
         "microbatches": dict(result.plan.microbatches),
         "predicted_iteration_s": round(result.sim.time, 4),
         "cluster": {"nodes": args.nodes, "gpus_per_node": args.gpus_per_node, "gpu": hw.name},
+        "features": w.features.to_dict(),
         "baselines_s": {
-            k: (round(r.time, 4) if p is not None else None) for k, (p, r) in result.baselines.items()
+            k: (round(r.time, 4) if isinstance(r, SimResult) else None)
+            for k, (_, r) in result.baselines.items()
         },
     }
     (out / "plan.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))

@@ -32,8 +32,9 @@ def apply_cpu_compat() -> None:
     global _applied
     if _applied or has_cuda():
         return
-    torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
-    torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
+    # megatron-core only passes the answer on as a device: "cpu" works where an index would not.
+    torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment,return-value]
+    torch.cuda.synchronize = lambda *a, **k: None
 
     class _NullStream:
         def __init__(self, *a: Any, **k: Any) -> None:

@@ -7,11 +7,13 @@ input keys. Keys that no call produces are *source* keys, which the data loader 
 (``prompts``); they must be declared, so that a misspelled key fails at construction time.
 
 Every key holds one row per sequence of the call's batch (a generate call with ``group_size``
-G reads P prompt rows and writes P x G sequence rows, each prompt's samples consecutive). Token
-keys follow ``lightning_real.models.forward``: ``seq``, ``attention_mask`` and ``loss_mask`` are
-``[B, S]``; log-probabilities (``old_logp``, ``ref_logp``) are ``[B, S - 1]`` with entry ``t``
-scoring token ``t + 1`` (so ``loss_mask[:, 1:]`` masks them); ``values`` are ``[B, S]`` with
-entry ``t`` the value after reading tokens ``0..t``; ``rewards`` and ``no_eos`` are ``[B]``.
+G reads P prompt rows and writes P x G sequence rows, each prompt's samples consecutive). The
+algorithms' graphs and the keys they exchange are in :mod:`lightning_real.graphs`.
+
+The same graph is what the runtime executes and what the planner prices: a call's sizes
+(``batch_size``, ``prompt_len``, ``gen_len``, ``minibatches``) are its workload, and each
+model's *home* (:meth:`DataflowGraph.home_calls`) is where the runtime keeps its persistent copy
+and where the planner keeps its resident memory.
 """
 
 from __future__ import annotations
@@ -98,11 +100,30 @@ class MFC:
             raise GraphError(f"call {self.name}: greedy=True needs call_type='generate'")
         if self.call_type != "train" and self.minibatches != 1:
             raise GraphError(f"call {self.name}: minibatches={self.minibatches} needs call_type='train'")
+        if self.call_type == "generate" and self.gen_len < 1:
+            raise GraphError(f"call {self.name}: a generate call needs gen_len >= 1, got {self.gen_len}")
 
     @property
     def input_rows(self) -> int:
         """Rows of each input key: prompts for a generate call with groups, else ``batch_size``."""
         return self.batch_size // self.group_size if self.call_type == "generate" else self.batch_size
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens per sequence after generation (what inference and training see)."""
+        return self.prompt_len + self.gen_len
+
+    @property
+    def out_bytes_per_token(self) -> int:
+        """Bytes of output per token sent to consumers (ids and log-probs; values or rewards)."""
+        return {"generate": 12, "inference": 4, "train": 0}[self.call_type]
+
+    def dp_allowed(self, dp: int) -> bool:
+        """Whether ``dp`` replicas can split the call as the runtime requires: whole groups per
+        replica, and for training a per-replica batch that splits into ``minibatches`` steps."""
+        if (self.batch_size // self.group_size) % dp:
+            return False
+        return self.call_type != "train" or (self.batch_size // dp) % self.minibatches == 0
 
 
 class DataflowGraph:
@@ -224,6 +245,22 @@ class DataflowGraph:
         """Models the graph uses, in order of first use."""
         return tuple(dict.fromkeys(c.role for c in self._calls))
 
+    def home_calls(self) -> dict[str, str]:
+        """Role -> the call whose layout is the role's *home*: its train call (where its optimizer
+        state lives), or its first call when it is not trained. The runtime keeps each model's
+        persistent copy there and the planner its resident memory; other calls get moved copies."""
+        out: dict[str, str] = {}
+        for c in self._calls:
+            if c.call_type == "train":
+                out.setdefault(c.role, c.name)
+        for c in self._calls:
+            out.setdefault(c.role, c.name)
+        return {r: out[r] for r in self.roles()}
+
+    def trained_roles(self) -> tuple[str, ...]:
+        """Roles a train call updates, in order of first use."""
+        return tuple(dict.fromkeys(c.role for c in self._calls if c.call_type == "train"))
+
     def keys(self) -> tuple[str, ...]:
         """Every key: sources first, then outputs in call order."""
         return (*self.sources, *(k for c in self._calls for k in c.output_keys))
@@ -280,8 +317,8 @@ class DataflowGraph:
             out.append(
                 f'  "{c.name}" [shape=box, style=filled, fillcolor="{colours[c.role]}", label="{label}"];'
             )
-        for p, c, ks in self.edges():
-            out.append(f'  "{p}" -> "{c}" [label="{", ".join(ks)}"];')
+        for p, name, ks in self.edges():
+            out.append(f'  "{p}" -> "{name}" [label="{", ".join(ks)}"];')
         out.append("}")
         return "\n".join(out)
 
@@ -320,241 +357,3 @@ def _cycle_or_none(names: list[str], deps: Mapping[str, tuple[str, ...]]) -> lis
         if nxt in path:
             return list(reversed([*path[path.index(nxt) :], nxt]))
         path.append(nxt)
-
-
-# ---- the graphs of the algorithms ------------------------------------------------------------
-PPO_SOURCES: tuple[str, ...] = ("prompts", "prompt_mask")
-"""Left-padded prompt ids ``[P, Lp]`` and their attention mask (1 = token)."""
-GEN_KEYS: tuple[str, ...] = ("seq", "attention_mask", "loss_mask", "old_logp", "no_eos")
-"""What a generate call writes: prompt + response ids ``[B, S]`` (prompts left padded, responses
-right padded), their attention mask, 1 on generated tokens (EOS included) ``[B, S]``, the actor's
-log-probability of each next token ``[B, S - 1]``, and 1 per row whose response ran to the token
-limit without EOS ``[B]``."""
-SFT_SOURCES: tuple[str, ...] = ("input_ids", "attention_mask", "loss_mask")
-"""Prompt + response ids ``[B, S]``, attention mask, and 1 on response tokens."""
-PAIR_SOURCES: tuple[str, ...] = (
-    "chosen_ids",
-    "chosen_attention_mask",
-    "chosen_loss_mask",
-    "rejected_ids",
-    "rejected_attention_mask",
-    "rejected_loss_mask",
-)
-"""Both answers of a preference pair, as SFT_SOURCES each."""
-
-
-def _finish(
-    calls: list[MFC], sources: tuple[str, ...], name: str, n_mbs: int | Mapping[str, int]
-) -> DataflowGraph:
-    if isinstance(n_mbs, Mapping):
-        unknown = sorted(set(n_mbs) - {c.name for c in calls})
-        if unknown:
-            raise GraphError(
-                f"{name}_graph: n_mbs names unknown calls {unknown}; calls: {', '.join(c.name for c in calls)}"
-            )
-    return DataflowGraph(calls, sources, name=name)
-
-
-def _mbs(n_mbs: int | Mapping[str, int], call: str) -> int:
-    if isinstance(n_mbs, Mapping):
-        return int(n_mbs.get(call, 1))
-    return n_mbs
-
-
-def ppo_graph(
-    batch_size: int,
-    n_mbs: int | Mapping[str, int] = 1,
-    minibatches: int = 1,
-    prompt_len: int = 128,
-    gen_len: int = 128,
-) -> DataflowGraph:
-    """PPO: ``actor_gen -> {ref_inf, rew_inf, critic_inf} -> {actor_train, critic_train}``.
-
-    ``rew_inf`` writes ``rewards`` (one task score per sequence ``[B]``), ``ref_inf`` writes
-    ``ref_logp`` and ``critic_inf`` writes ``values`` (``[B, S]`` each). Both train calls read
-    everything, since each computes the KL-penalised rewards and GAE advantages itself.
-    ``n_mbs`` is one count for every call or a mapping from call name to count (default 1).
-    """
-    common = dict(batch_size=batch_size, prompt_len=prompt_len, gen_len=gen_len)
-    seq = ("seq", "attention_mask", "loss_mask")
-    train_in = (*GEN_KEYS, "ref_logp", "rewards", "values")
-    calls = [
-        MFC(
-            "actor_gen", "actor", "generate", PPO_SOURCES, GEN_KEYS, n_mbs=_mbs(n_mbs, "actor_gen"), **common
-        ),
-        MFC("ref_inf", "ref", "inference", seq, ("ref_logp",), n_mbs=_mbs(n_mbs, "ref_inf"), **common),
-        MFC("rew_inf", "reward", "inference", seq, ("rewards",), n_mbs=_mbs(n_mbs, "rew_inf"), **common),
-        MFC(
-            "critic_inf",
-            "critic",
-            "inference",
-            seq[:2],
-            ("values",),
-            n_mbs=_mbs(n_mbs, "critic_inf"),
-            **common,
-        ),
-        MFC(
-            "actor_train",
-            "actor",
-            "train",
-            train_in,
-            (),
-            n_mbs=_mbs(n_mbs, "actor_train"),
-            minibatches=minibatches,
-            **common,
-        ),
-        MFC(
-            "critic_train",
-            "critic",
-            "train",
-            train_in,
-            (),
-            n_mbs=_mbs(n_mbs, "critic_train"),
-            minibatches=minibatches,
-            **common,
-        ),
-    ]
-    return _finish(calls, PPO_SOURCES, "ppo", n_mbs)
-
-
-def grpo_graph(
-    batch_size: int,
-    group_size: int,
-    n_mbs: int | Mapping[str, int] = 1,
-    minibatches: int = 1,
-    use_ref: bool = True,
-    prompt_len: int = 128,
-    gen_len: int = 128,
-) -> DataflowGraph:
-    """GRPO: no critic; ``actor_gen`` samples ``group_size`` responses per prompt.
-
-    ``batch_size`` counts sequences (prompts x group_size). Without ``use_ref`` (KL coefficient 0)
-    the reference call is left out.
-    """
-    common = dict(batch_size=batch_size, prompt_len=prompt_len, gen_len=gen_len, group_size=group_size)
-    seq = ("seq", "attention_mask", "loss_mask")
-    calls = [
-        MFC(
-            "actor_gen", "actor", "generate", PPO_SOURCES, GEN_KEYS, n_mbs=_mbs(n_mbs, "actor_gen"), **common
-        ),
-        MFC("rew_inf", "reward", "inference", seq, ("rewards",), n_mbs=_mbs(n_mbs, "rew_inf"), **common),
-    ]
-    train_in = [*GEN_KEYS, "rewards"]
-    if use_ref:
-        calls.insert(
-            1, MFC("ref_inf", "ref", "inference", seq, ("ref_logp",), n_mbs=_mbs(n_mbs, "ref_inf"), **common)
-        )
-        train_in.append("ref_logp")
-    calls.append(
-        MFC(
-            "actor_train",
-            "actor",
-            "train",
-            tuple(train_in),
-            (),
-            n_mbs=_mbs(n_mbs, "actor_train"),
-            minibatches=minibatches,
-            **common,
-        )
-    )
-    return _finish(calls, PPO_SOURCES, "grpo", n_mbs)
-
-
-def remax_graph(
-    batch_size: int,
-    n_mbs: int | Mapping[str, int] = 1,
-    use_ref: bool = True,
-    prompt_len: int = 128,
-    gen_len: int = 128,
-) -> DataflowGraph:
-    """ReMax: a sampled and a greedy generation of the same prompts, both scored; the greedy
-    response's reward (``greedy_rewards``) is the baseline of the sampled one's."""
-    common = dict(batch_size=batch_size, prompt_len=prompt_len, gen_len=gen_len)
-    seq = ("seq", "attention_mask", "loss_mask")
-    gseq = ("greedy_seq", "greedy_attention_mask", "greedy_loss_mask")
-    calls = [
-        MFC(
-            "actor_gen", "actor", "generate", PPO_SOURCES, GEN_KEYS, n_mbs=_mbs(n_mbs, "actor_gen"), **common
-        ),
-        MFC(
-            "actor_gen_greedy",
-            "actor",
-            "generate",
-            PPO_SOURCES,
-            gseq,
-            n_mbs=_mbs(n_mbs, "actor_gen_greedy"),
-            greedy=True,
-            **common,
-        ),
-        MFC("rew_inf", "reward", "inference", seq, ("rewards",), n_mbs=_mbs(n_mbs, "rew_inf"), **common),
-        MFC(
-            "rew_inf_greedy",
-            "reward",
-            "inference",
-            gseq,
-            ("greedy_rewards",),
-            n_mbs=_mbs(n_mbs, "rew_inf_greedy"),
-            **common,
-        ),
-    ]
-    train_in = [*GEN_KEYS, "rewards", "greedy_rewards"]
-    if use_ref:
-        calls.insert(
-            2, MFC("ref_inf", "ref", "inference", seq, ("ref_logp",), n_mbs=_mbs(n_mbs, "ref_inf"), **common)
-        )
-        train_in.append("ref_logp")
-    calls.append(
-        MFC("actor_train", "actor", "train", tuple(train_in), (), n_mbs=_mbs(n_mbs, "actor_train"), **common)
-    )
-    return _finish(calls, PPO_SOURCES, "remax", n_mbs)
-
-
-def dpo_graph(batch_size: int, n_mbs: int | Mapping[str, int] = 1, seq_len: int = 256) -> DataflowGraph:
-    """DPO: ``ref_inf`` scores both answers of each pair (``ref_chosen_logp``, ``ref_rejected_logp``,
-    summed over response tokens ``[B]``), then ``actor_train``. ``batch_size`` counts pairs."""
-    common = dict(batch_size=batch_size, prompt_len=seq_len, gen_len=0)
-    ref_out = ("ref_chosen_logp", "ref_rejected_logp")
-    calls = [
-        MFC("ref_inf", "ref", "inference", PAIR_SOURCES, ref_out, n_mbs=_mbs(n_mbs, "ref_inf"), **common),
-        MFC(
-            "actor_train",
-            "actor",
-            "train",
-            (*PAIR_SOURCES, *ref_out),
-            (),
-            n_mbs=_mbs(n_mbs, "actor_train"),
-            **common,
-        ),
-    ]
-    return _finish(calls, PAIR_SOURCES, "dpo", n_mbs)
-
-
-def _train_only_graph(
-    name: str, call: str, role: str, sources: tuple[str, ...], batch_size: int, n_mbs: int, seq_len: int
-) -> DataflowGraph:
-    """A graph of one training call that reads only source keys (SFT, reward modelling)."""
-    mfc = MFC(
-        call, role, "train", sources, (), batch_size=batch_size, n_mbs=n_mbs, prompt_len=seq_len, gen_len=0
-    )
-    return DataflowGraph([mfc], sources, name=name)
-
-
-def sft_graph(batch_size: int, n_mbs: int = 1, seq_len: int = 256) -> DataflowGraph:
-    """Supervised fine-tuning: one ``actor_train`` call on prompt + response sequences."""
-    return _train_only_graph("sft", "actor_train", "actor", SFT_SOURCES, batch_size, n_mbs, seq_len)
-
-
-def rw_graph(batch_size: int, n_mbs: int = 1, seq_len: int = 256) -> DataflowGraph:
-    """Reward-model training on preference pairs: one ``rew_train`` call (Bradley-Terry loss)."""
-    return _train_only_graph("rw", "rew_train", "reward", PAIR_SOURCES, batch_size, n_mbs, seq_len)
-
-
-GRAPHS = {
-    "ppo": ppo_graph,
-    "grpo": grpo_graph,
-    "remax": remax_graph,
-    "dpo": dpo_graph,
-    "sft": sft_graph,
-    "rw": rw_graph,
-}
-"""Graph builders by algorithm name."""

@@ -18,10 +18,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from lightning_real.models.spec import ModelSpec
 
 
 class LayoutError(ValueError):
@@ -148,24 +144,6 @@ class Layout:
             raise LayoutError(f"layout {self}: ranks {bad} are out of range for world size {world_size}")
         return self
 
-    def validate(self, world_size: int, spec: ModelSpec | None = None) -> Layout:
-        """Resolve against the world and check that ``spec`` can be split this way."""
-        lay = self.resolve(world_size)
-        if spec is not None:
-            if spec.num_heads % self.tp:
-                raise LayoutError(
-                    f"layout {self}: {spec.num_heads} attention heads are not divisible by tp={self.tp}"
-                )
-            if spec.num_kv_heads % self.tp:
-                raise LayoutError(
-                    f"layout {self}: {spec.num_kv_heads} key/value heads are not divisible by tp={self.tp}"
-                )
-            if spec.num_layers < self.pp:
-                raise LayoutError(
-                    f"layout {self}: {spec.num_layers} layers are fewer than pp={self.pp} pipeline stages"
-                )
-        return lay
-
     def _ranks(self) -> tuple[int, ...]:
         if self.ranks is None:
             raise LayoutError(f"layout {self}: ranks are unknown; call resolve(world_size) first")
@@ -217,6 +195,15 @@ class Layout:
     def overlaps(self, other: Layout) -> bool:
         """Whether two resolved layouts share a rank."""
         return bool(set(self._ranks()) & set(other._ranks()))
+
+
+def row_range(batch_size: int, dp: int, replica: int) -> tuple[int, int]:
+    """Rows ``[lo, hi)`` of a global batch that data-parallel ``replica`` of ``dp`` processes
+    (contiguous equal shares, replicas in order)."""
+    if batch_size % dp:
+        raise LayoutError(f"batch size {batch_size} is not divisible by dp={dp}")
+    n = batch_size // dp
+    return replica * n, (replica + 1) * n
 
 
 def parse_layout(text: str | Layout) -> Layout:

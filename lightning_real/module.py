@@ -1,77 +1,48 @@
-"""RLHF LightningModules: a bundle of models (actor, critic, reward, reference) and PPO on top.
+"""The base of the RLHF LightningModules: what a module declares and what it gets back.
 
-The module says *what* runs (the dataflow graph and the body of each call); RealStrategy says
-*where* (the plan) and drives each training step through the runtime. Models are built in
-:meth:`RLHFModule.real_setup`, once the strategy knows the plan, as megatron-core shards on the
-home layout of each role; they are not submodules of the LightningModule (Lightning must not move
-or wrap them).
+A module says *what* runs: its dataflow graph (:meth:`RLHFModule.real_graph`), its models
+(:meth:`RLHFModule.real_roles`: where each comes from, how the trained ones learn) and the body
+of each call (:meth:`RLHFModule.real_calls`). RealStrategy says *where* (the plan) and the
+runtime *builds* (:func:`lightning_real.runtime.build.build_runtime`): every role's home shard
+on its home call's layout, reallocators and training engines, with the strategy's node size and
+runtime features. The models are megatron-core shards owned by the runtime, not submodules of
+the LightningModule (Lightning must not move or wrap them).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from lightning.pytorch import LightningModule
+from typing_extensions import override
 
-from lightning_real.layout import Layout
+from lightning_real.dataflow import DataflowGraph
 from lightning_real.models.shard import ModelShard
-from lightning_real.models.sharding import random_canonical
+from lightning_real.models.source import ModelSource, spec_of
 from lightning_real.models.spec import ModelSpec
+from lightning_real.registry import MODULE_PATHS
+from lightning_real.runtime.build import CallFn, RuntimeContext
+from lightning_real.runtime.pool import ModelPool
+from lightning_real.runtime.roles import RoleDecl
 
-ModelSource = str | Path | ModelSpec
-"""An HF checkpoint folder, or a ModelSpec for a randomly initialised model (tests, demos)."""
+if TYPE_CHECKING:
+    from lightning_real.models.train import TrainEngine
+    from lightning_real.strategy import RealStrategy
 
+__all__ = ["ModelSource", "RLHFModule", "spec_of"]
 
-@dataclass
-class RealContext:
-    """What the module hands the runtime after building its models on this rank."""
-
-    call_fns: dict[str, Callable[..., Any]]
-    """Body of each call: ``fn(shard, inputs) -> (outputs, metrics)``."""
-    move: Callable[[str, Layout], tuple[Any, int]]
-    """Makes a role's parameters available on a layout (see runtime.pool.ModelPool.move)."""
-    release: Callable[[str, Layout], None]
-    """Drops a role's copy after a call."""
-
-
-def spec_of(source: ModelSource, head: str) -> ModelSpec:
-    """The ModelSpec of a source, with the given head."""
-    if isinstance(source, ModelSpec):
-        return source.with_head(head)  # type: ignore[arg-type]
-    path = Path(source)
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"model path {path} has no config.json (expected an HF checkpoint folder)")
-    import transformers
-
-    cfg = transformers.AutoConfig.from_pretrained(path)
-    return ModelSpec.from_hf_config(cfg, head=head)  # type: ignore[arg-type]
-
-
-def load_home(
-    source: ModelSource, spec: ModelSpec, groups: Any, seed: int, init_value_head: bool = False
-) -> ModelShard:
-    """Build a role's home shard from an HF folder or a random init (same model under any layout).
-
-    ``init_value_head``: a value-head model read from a causal-LM folder starts its head at zero
-    (a critic initialised from the actor, a reward model from the SFT model).
-    """
-    if isinstance(source, ModelSpec):
-        return ModelShard.from_canonical(spec, groups, random_canonical(spec, seed))
-    from lightning_real.models.hf import load_hf
-
-    return load_hf(source, groups, head=spec.head, init_value_head=init_value_head)
+Rows = dict[str, torch.Tensor]
 
 
 class RLHFModule(LightningModule):
     """Base of RLHF modules run by :class:`~lightning_real.strategy.RealStrategy`.
 
-    Subclasses define :meth:`real_graph`, :meth:`real_specs`, :meth:`build_calls` and
-    :meth:`make_source`. Optimization is manual: the models' optimizers live with their shards.
+    Subclasses define :meth:`real_graph`, :meth:`real_roles`, :meth:`real_calls` and
+    :meth:`make_source`; algorithm state beyond weights and optimizers goes in
+    :meth:`extra_state`. Optimization is manual: the models' optimizers live with their shards.
     """
 
     progress_bar_keys: tuple[str, ...] = ("reward/mean", "actor/pg_loss")
@@ -83,39 +54,73 @@ class RLHFModule(LightningModule):
         # Lightning counts steps by optimizer steps; this parameterless-in-effect optimizer is
         # stepped once per iteration so that max_steps, checkpoint intervals and logging work.
         self._step_counter = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
-        self.pool: Any = None
+        self.runtime: RuntimeContext | None = None
+        """The runtime built for this module on this rank (set by :meth:`real_setup`)."""
         self.iteration = 0
         """Index of the iteration being run (the global step; seeds sampling)."""
+        self.last_metrics: dict[str, float] = {}
+        """Metrics of the latest iteration, reduced over every rank."""
 
+    @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD([self._step_counter], lr=0.0)
 
-    # ---- the protocol RealStrategy uses -----------------------------------------------------------
-    def real_graph(self) -> Any:
+    # ---- what the module declares ---------------------------------------------------------------
+    def real_graph(self) -> DataflowGraph:
+        """The dataflow graph of one iteration."""
         raise NotImplementedError
 
-    def real_specs(self) -> dict[str, ModelSpec]:
-        """Model spec of each role (the planner and plan validation read them)."""
+    def real_roles(self) -> tuple[RoleDecl, ...]:
+        """The module's models, in the order every rank builds them."""
         raise NotImplementedError
 
-    def make_source(self, batch: Any) -> dict[str, torch.Tensor]:
+    def real_calls(self, ctx: RuntimeContext) -> dict[str, CallFn]:
+        """The body of every call of the graph, given the built runtime of this rank."""
+        raise NotImplementedError
+
+    def make_source(self, batch: Any) -> Rows:
         """The source keys of one iteration from a dataloader batch (the same on every rank)."""
         raise NotImplementedError
 
-    def real_setup(self, strategy: Any) -> RealContext:
-        raise NotImplementedError
+    def real_specs(self) -> dict[str, ModelSpec]:
+        """Model spec of each role the graph uses (the planner and plan checks read them)."""
+        roles = self.real_graph().roles()
+        return {d.role: d.spec for d in self.real_roles() if d.role in roles}
 
-    def real_state_dict(self) -> dict[str, Any]:
-        """This rank's shards and optimizer states, for checkpoints."""
+    def extra_state(self) -> dict[str, Any]:
+        """Algorithm state beyond weights and optimizers (KL controllers, running statistics)."""
         return {}
 
-    def load_real_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`real_state_dict`."""
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`extra_state`."""
+
+    # ---- what the strategy hands back -----------------------------------------------------------
+    def real_setup(self, ctx: RuntimeContext) -> dict[str, CallFn]:
+        """Keep the built runtime; the call bodies for the executor."""
+        self.runtime = ctx
+        return self.real_calls(ctx)
+
+    def _runtime(self) -> RuntimeContext:
+        if self.runtime is None:
+            raise RuntimeError(
+                f"{type(self).__name__} has no runtime yet: the models are built when RealStrategy sets up"
+            )
+        return self.runtime
+
+    @property
+    def pool(self) -> ModelPool:
+        """Every role's home shard on this rank (after setup)."""
+        return self._runtime().pool
+
+    @property
+    def engines(self) -> dict[str, TrainEngine]:
+        """The training engine of each trained role (after setup)."""
+        return self._runtime().engines
 
     # ---- a role's home copy: checkpoint state and HF export --------------------------------------
     def home_shard(self, role: str) -> ModelShard:
         """This rank's part of the persistent (home) copy of ``role``'s model (after setup)."""
-        models = self.pool.models if self.pool is not None else {}
+        models = self.runtime.pool.models if self.runtime is not None else {}
         if role not in models:
             have = ", ".join(models) or "none (the models are built when the strategy sets up)"
             raise KeyError(f"{type(self).__name__} has no model for role {role!r}; roles: {have}")
@@ -139,6 +144,24 @@ class RLHFModule(LightningModule):
             for ps, p in params:
                 p.copy_(state[ps.local_name])
 
+    def real_state_dict(self) -> dict[str, Any]:
+        """This rank's shards and optimizer states of the trained roles, and :meth:`extra_state`.
+
+        Frozen models are rebuilt from their sources rather than written each time.
+        """
+        state: dict[str, Any] = {"extra": self.extra_state()}
+        for role, engine in self.engines.items():
+            state[role] = self.shard_state_dict(role)
+            state[f"{role}_optim"] = engine.state_dict()
+        return state
+
+    def load_real_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`real_state_dict`."""
+        for role, engine in self.engines.items():
+            self.load_shard_state_dict(role, state[role])
+            engine.load_state_dict(state[f"{role}_optim"])
+        self.load_extra_state(state.get("extra", {}))
+
     def save_hf(self, role: str, folder: str | Path, copy_files_from: str | Path | None = None) -> Path:
         """Write ``role``'s model as an HF checkpoint folder that transformers loads.
 
@@ -147,8 +170,8 @@ class RLHFModule(LightningModule):
         ``copy_files_from`` adds an HF folder's non-weight files (tokenizer, generation config).
         The folder is swapped in atomically; a failure on any rank raises on every rank.
         """
+        from lightning_real.checkpoint.folders import CheckpointError
         from lightning_real.distributed.agree import on_every_rank
-        from lightning_real.models.hf import CheckpointError
         from lightning_real.models.hf import save_hf as write
 
         on_every_rank(
@@ -159,8 +182,9 @@ class RLHFModule(LightningModule):
         return Path(folder).absolute()
 
     # ---- Lightning ----------------------------------------------------------------------------
+    @override
     def training_step(self, batch: Any, batch_idx: int) -> None:
-        strategy = self.trainer.strategy
+        strategy = cast("RealStrategy", self.trainer.strategy)
         self.iteration = self.global_step
         start = time.perf_counter()
         metrics = strategy.run_iteration(self.make_source(batch), step=self.global_step)
@@ -180,20 +204,10 @@ class RLHFModule(LightningModule):
         self.last_metrics = metrics
 
 
-_MODULES = {
-    "SFTModule": "lightning_real.modules.sft",
-    "PPOModule": "lightning_real.modules.ppo",
-    "GRPOModule": "lightning_real.modules.grpo",
-    "ReMaxModule": "lightning_real.modules.remax",
-    "DPOModule": "lightning_real.modules.dpo",
-    "RewardModelModule": "lightning_real.modules.rw",
-}
-
-
 def __getattr__(name: str) -> Any:
-    # The algorithm modules live one per file under lightning_real.modules.
-    if name in _MODULES:
+    # The algorithm modules live one per file under lightning_real.modules (lightning_real.registry).
+    if name in MODULE_PATHS:
         import importlib
 
-        return getattr(importlib.import_module(_MODULES[name]), name)
+        return getattr(importlib.import_module(MODULE_PATHS[name]), name)
     raise AttributeError(f"module 'lightning_real.module' has no attribute {name!r}")

@@ -8,24 +8,27 @@ or as a YAML file holding that mapping (at the top level, under ``plan:``, or as
 with an optional ``microbatches:`` mapping, the form ``lightning-real plan`` writes). Named
 plans: ``symmetric`` (every call on all devices with one strategy, as DeepSpeed-Chat runs),
 ``disjoint`` (actor and reference on the first half of the devices, critic and reward on the
-second half, as OpenRLHF runs) and ``search`` (the planner's MCMC search).
+second half, as OpenRLHF runs) and ``search`` (the planner's MCMC search, which the caller
+supplies: this module sits below the planner).
+
+:class:`Plan` is the one plan type: the planner returns it, plan files hold it, the runtime runs it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lightning_real.dataflow import DataflowGraph
 from lightning_real.layout import Layout, LayoutError
-from lightning_real.models.spec import ModelSpec
+from lightning_real.models.spec import ModelSpec, check_layout
 
 PLAN_NAMES: tuple[str, ...] = ("symmetric", "disjoint", "search")
-PLANNER_REPORT_KEYS: tuple[str, ...] = ("cluster", "predicted_iteration_s", "baselines_s")
-"""What ``lightning-real plan`` writes beside the layouts (read, not used, so its plan.yaml runs as is)."""
 """Plans :func:`resolve_plan` builds by name."""
+PLANNER_REPORT_KEYS: tuple[str, ...] = ("cluster", "predicted_iteration_s", "baselines_s", "features")
+"""What ``lightning-real plan`` writes beside the layouts (read, not used, so its plan.yaml runs as is)."""
 
 
 class PlanError(ValueError):
@@ -115,6 +118,14 @@ class Plan:
         """Microbatches of ``call``: the plan's count, else the graph's."""
         return self.microbatches.get(call, graph.call(call).n_mbs)
 
+    def to_strings(self) -> dict[str, str]:
+        """Call name -> layout string (``d4t1p2@0-7``), as plan files and checkpoints spell it."""
+        return {k: str(v) for k, v in self.layouts.items()}
+
+    def with_name(self, name: str) -> Plan:
+        """The same plan under another label."""
+        return Plan(dict(self.layouts), dict(self.microbatches), name)
+
     def __str__(self) -> str:
         return f"{self.name}: " + ", ".join(f"{k}={v}" for k, v in self.layouts.items())
 
@@ -146,44 +157,20 @@ def disjoint(graph: DataflowGraph, world_size: int, tp: int = 1, pp: int = 1) ->
     )
 
 
-def search_plan(
-    graph: DataflowGraph,
-    world_size: int,
-    specs: Mapping[str, ModelSpec],
-    gpus_per_node: int = 8,
-    search_steps: int = 2000,
-    seed: int = 0,
-) -> Plan:
-    """The planner's searched plan (``lightning_real.planner``), deterministic for a given seed."""
-    try:
-        from lightning_real.planner.auto import auto_plan
-        from lightning_real.planner.workload import workload_from_graph
-    except ImportError as e:
-        raise NotImplementedError(
-            f"plan='search' needs lightning_real.planner.auto.auto_plan, which cannot be imported ({e}); "
-            f"use one of: {', '.join(n for n in PLAN_NAMES if n != 'search')}, a mapping or a YAML file"
-        ) from None
-    prompt_len = max(c.prompt_len for c in graph.calls)
-    gen_len = max(c.gen_len for c in graph.calls)
-    workload = workload_from_graph(graph, dict(specs), prompt_len, gen_len)
-    found = auto_plan(workload, world_size, gpus_per_node=gpus_per_node, steps=search_steps, seed=seed)
-    return Plan(dict(found.layouts), dict(found.microbatches), "search")
-
-
 def resolve_plan(
     plan: str | Path | Mapping[str, Any] | Plan,
     graph: DataflowGraph,
     world_size: int,
     specs: Mapping[str, ModelSpec] | None = None,
-    gpus_per_node: int = 8,
-    search_steps: int = 2000,
-    seed: int = 0,
+    search: Callable[[], Plan] | None = None,
 ) -> Plan:
     """A checked plan for ``graph`` on ``world_size`` ranks, every layout with explicit ranks.
 
     ``plan`` is a name (``symmetric``, ``disjoint``, ``search``), a YAML file, a mapping or a
-    :class:`Plan`. ``specs`` gives each role's model (checked against its layouts' tp and pp;
-    required for ``search``). Every call gets its microbatch count (the plan's or the graph's).
+    :class:`Plan`. ``specs`` gives each role's model (checked against its layouts' tp and pp).
+    ``search`` runs the planner for ``plan="search"`` (see
+    :func:`lightning_real.planner.auto.search_plan`). Every call gets its microbatch count (the
+    plan's or the graph's).
     """
     if isinstance(plan, Plan):
         p = plan
@@ -200,9 +187,12 @@ def resolve_plan(
         elif key == "disjoint":
             p = disjoint(graph, world_size)
         elif key == "search":
-            if specs is None:
-                raise PlanError("plan='search' needs the model specs of the graph's roles")
-            p = search_plan(graph, world_size, specs, gpus_per_node, search_steps, seed)
+            if search is None:
+                raise PlanError(
+                    "plan='search' needs the planner (pass search=...; RealStrategy does); "
+                    f"or use one of: {', '.join(n for n in PLAN_NAMES if n != 'search')}, a mapping or a YAML file"
+                )
+            p = search()
         elif Path(plan).is_file():
             p = Plan.from_yaml(plan)
         else:
@@ -241,7 +231,10 @@ def check_plan(
     for c in graph.calls:
         lay = plan.layouts[c.name]
         try:
-            lay = lay.validate(world_size, specs[c.role] if specs is not None else None)
+            resolved = lay.resolve(world_size)
+            if specs is not None:
+                check_layout(specs[c.role], lay)
+            lay = resolved
         except LayoutError as e:
             raise PlanError(f"plan {plan.name}: call {c.name}: {e}") from None
         if c.input_rows % lay.dp or c.batch_size % lay.dp:

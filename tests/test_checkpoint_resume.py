@@ -199,8 +199,8 @@ def test_rng_states_round_trip():
 
 
 def test_checkpoint_folder_takes_a_complete_folder_or_the_one_an_interrupted_swap_left(tmp_path):
+    from lightning_real.checkpoint.sharded import checkpoint_folder
     from lightning_real.models.hf import CheckpointError
-    from lightning_real.strategy import checkpoint_folder
 
     done = tmp_path / "step=2.ckpt"
     done.mkdir()

@@ -4,17 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from lightning_real.dataflow import (
-    MFC,
-    DataflowGraph,
-    GraphError,
-    dpo_graph,
-    grpo_graph,
-    ppo_graph,
-    remax_graph,
-    rw_graph,
-    sft_graph,
-)
+from lightning_real.dataflow import MFC, DataflowGraph, GraphError
+from lightning_real.graphs import dpo_graph, grpo_graph, ppo_graph, remax_graph, rw_graph, sft_graph
 
 
 def _call(
@@ -140,6 +131,6 @@ def test_planner_reads_the_graph():
 
     g = ppo_graph(8, prompt_len=16, gen_len=8)
     specs = {r: tiny_spec(head="value" if r in ("critic", "reward") else "lm") for r in g.roles()}
-    w = workload_from_graph(g, specs, 16, 8)
+    w = workload_from_graph(g, specs)
     assert w.names == g.names
     assert set(w.call("critic_train").deps) == {"actor_gen", "ref_inf", "rew_inf", "critic_inf"}

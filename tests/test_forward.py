@@ -20,7 +20,7 @@ from lightning_real.models.hf import hf_model
 from lightning_real.models.masks import next_token_valid
 from lightning_real.models.shard import ModelShard
 from lightning_real.models.sharding import random_canonical
-from lightning_real.models.spec import tiny_spec
+from lightning_real.models.spec import check_layout, tiny_spec
 
 # fp32 on CPU: megatron and transformers sum in different orders. Observed differences are
 # about 1e-6 on logits of magnitude ~1; 1e-5 leaves room for that and nothing else (a wrong
@@ -212,4 +212,4 @@ def test_bad_inputs_are_named():
 @pytest.mark.parametrize("bad", ["d3t1p1", "d1t3p1"])
 def test_layout_that_does_not_fit_is_rejected(bad):
     with pytest.raises(LayoutError):
-        Layout.parse(bad).validate(4, tiny_spec("llama"))
+        check_layout(tiny_spec("llama"), Layout.parse(bad).resolve(4))

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from lightning_real.distributed.groups import GroupRegistry
 from lightning_real.distributed.launch import spawn
 from lightning_real.layout import Layout, LayoutError, format_ranks
-from lightning_real.models.spec import tiny_spec
+from lightning_real.models.spec import check_layout, tiny_spec
 
 LAYOUTS = ["d2t2p1", "d1t2p2", "d2t1p2", "d1t1p2@2-3", "d1t2p1@1,3"]
 
@@ -18,13 +18,13 @@ LAYOUTS = ["d2t2p1", "d1t2p2", "d2t1p2", "d1t1p2@2-3", "d1t2p1@1,3"]
 def test_query_heads_must_split_over_tp():
     spec = tiny_spec("llama", hidden_size=96, num_heads=6, num_kv_heads=2)
     with pytest.raises(LayoutError, match="6 attention heads are not divisible by tp=4"):
-        Layout.parse("d1t4p1").validate(4, spec)
-    Layout.parse("d2t2p1").validate(4, spec)
+        check_layout(spec, Layout.parse("d1t4p1").resolve(4))
+    check_layout(spec, Layout.parse("d2t2p1").resolve(4))
 
 
 def test_validate_checks_ranks_against_the_world():
     with pytest.raises(LayoutError, match=r"ranks \[4, 5\] are out of range for world size 4"):
-        Layout.parse("d1t2p1@4-5").validate(4, tiny_spec("llama"))
+        check_layout(tiny_spec("llama"), Layout.parse("d1t2p1@4-5").resolve(4))
 
 
 @pytest.mark.parametrize("text", ["d1t2p1@1,0", "d2t2p1@0-1,4,3", "d1t1p2@3,2"])

@@ -9,7 +9,7 @@ import torch.distributed as dist
 from lightning_real.distributed.groups import GroupRegistry
 from lightning_real.distributed.launch import spawn
 from lightning_real.layout import Layout, LayoutError
-from lightning_real.models.spec import tiny_spec
+from lightning_real.models.spec import check_layout, tiny_spec
 
 
 @pytest.mark.parametrize("text", ["d2t2p1@0-3", "d4t1p2", "d1t1p1@5", "d4t1p1@0-1,4-5", "d1t2p2@0,2,4,6"])
@@ -43,10 +43,10 @@ def test_bad_layouts_name_the_problem(text, world, message):
 def test_model_constraints():
     spec = tiny_spec("llama")  # 4 heads, 2 kv heads, 4 layers
     with pytest.raises(LayoutError, match="key/value heads are not divisible by tp=4"):
-        Layout.parse("d1t4p1").validate(4, spec)
+        check_layout(spec, Layout.parse("d1t4p1").resolve(4))
     with pytest.raises(LayoutError, match="fewer than pp=8"):
-        Layout.parse("d1t1p8").validate(8, spec)
-    Layout.parse("d1t2p2").validate(4, spec)
+        check_layout(spec, Layout.parse("d1t1p8").resolve(8))
+    check_layout(spec, Layout.parse("d1t2p2").resolve(4))
 
 
 def test_coordinates_follow_megatron_order():

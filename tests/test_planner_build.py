@@ -7,7 +7,7 @@ import torch
 from lightning_real.distributed.launch import spawn
 from lightning_real.layout import Layout
 from lightning_real.models.sharding import param_specs
-from lightning_real.models.spec import ModelSpec, tiny_spec
+from lightning_real.models.spec import ModelSpec, check_layout, tiny_spec
 from lightning_real.planner.hardware import CPU_GLOO, Cluster
 from lightning_real.planner.search import SearchConfig, search
 from lightning_real.planner.workload import ppo_workload
@@ -46,8 +46,8 @@ def test_searched_plan_builds_and_runs_on_a_real_4_process_world() -> None:
     w = ppo_workload(actor, batch_size=16, prompt_len=32, gen_len=32)
     cluster = Cluster(1, 4, CPU_GLOO)
     r = search(w, cluster, SearchConfig(steps=300, seed=0))
-    assert all(lay.validate(4, w.call(n).spec) for n, lay in r.plan.layouts.items())
-    specs = {c.name: c.spec for c in w.calls}
+    assert all(check_layout(w.spec(n), lay.resolve(4)) for n, lay in r.plan.layouts.items())
+    specs = {c.name: w.spec(c) for c in w.calls}
     results = spawn(_build_plan, 4, r.plan.to_strings(), specs)
     for name, lay in r.plan.layouts.items():
         spec = specs[name]

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from lightning_real.dataflow import MFC
+from lightning_real.features import REFERENCE
 from lightning_real.models.spec import tiny_spec
 from lightning_real.planner.calibrate import calibrate
 from lightning_real.planner.cost import call_cost
 from lightning_real.planner.hardware import Cluster, HardwareProfile
-from lightning_real.planner.workload import CallSpec
 
 
 def test_calibration_measures_this_machine() -> None:
@@ -24,5 +25,5 @@ def test_calibration_measures_this_machine() -> None:
     # the numbers the profile was built from are the raw measurements
     assert hw.peak_flops == raw["flops"] and hw.intra_latency == raw["latency"]
     # a calibrated profile prices calls like the built-in ones
-    call = CallSpec("i", "actor", "inference", tiny_spec("llama"), batch_size=4, prompt_len=32, gen_len=0)
-    assert call_cost(call, 1, 1, 1, 1, Cluster(1, 2, hw)).time > 0
+    call = MFC("i", "actor", "inference", (), (), batch_size=4, prompt_len=32, gen_len=0)
+    assert call_cost(call, tiny_spec("llama"), 1, 1, 1, 1, Cluster(1, 2, hw), REFERENCE).time > 0

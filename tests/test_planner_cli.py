@@ -13,7 +13,7 @@ from lightning_real.layout import Layout
 from lightning_real.models.spec import tiny_spec
 from lightning_real.planner.hardware import H100, load_profile, save_profile
 from lightning_real.planner.presets import llama2_spec
-from lightning_real.planner.recipe import workload_from_recipe
+from lightning_real.recipes.planning import workload_from_recipe
 
 
 def test_plan_preset_prints_table_and_writes_outputs(
@@ -114,11 +114,11 @@ def test_recipe_yaml_with_sizes_and_hf_config(tmp_path: Path) -> None:
         )
     )
     w = workload_from_recipe(str(recipe), prompt_len=64)
-    assert w.call("actor_gen").spec == llama2_spec("13b")
-    assert w.call("ref_inf").spec == llama2_spec("13b")
-    critic = w.call("critic_train").spec
+    assert w.spec("actor_gen") == llama2_spec("13b")
+    assert w.spec("ref_inf") == llama2_spec("13b")
+    critic = w.spec("critic_train")
     assert critic.family == "qwen2" and critic.head == "value" and critic.hidden_size == tiny.hidden_size
-    assert w.call("rew_inf").spec.hidden_size == 128 and w.call("rew_inf").spec.head == "value"
+    assert w.spec("rew_inf").hidden_size == 128 and w.spec("rew_inf").head == "value"
     c = w.call("actor_train")
     assert (c.batch_size, c.prompt_len, c.gen_len) == (64, 64, 256)
 
@@ -150,40 +150,35 @@ def test_profile_json_round_trip(tmp_path: Path) -> None:
 
 
 def test_workload_from_a_dataflow_graph() -> None:
-    from dataclasses import dataclass
-
+    from lightning_real.dataflow import MFC, DataflowGraph
     from lightning_real.planner.workload import workload_from_graph
 
-    @dataclass
-    class Node:
-        name: str
-        role: str
-        call_type: str
-        input_keys: tuple[str, ...]
-        output_keys: tuple[str, ...]
-        batch_size: int = 32
-
-    graph = [
-        Node("actor_gen", "actor", "generate", ("prompts",), ("seq", "logp")),
-        Node("ref_inf", "ref", "inference", ("seq",), ("ref_logp",)),
-        Node("critic_inf", "critic", "inference", ("seq",), ("values",)),
-        Node("actor_train", "actor", "train", ("seq", "logp", "ref_logp", "values"), ()),
-    ]
+    size = dict(batch_size=32, prompt_len=16, gen_len=8)
+    graph = DataflowGraph(
+        [
+            MFC("actor_gen", "actor", "generate", ("prompts",), ("seq", "logp"), **size),
+            MFC("ref_inf", "ref", "inference", ("seq",), ("ref_logp",), **size),
+            MFC("critic_inf", "critic", "inference", ("seq",), ("values",), **size),
+            MFC("actor_train", "actor", "train", ("seq", "logp", "ref_logp", "values"), (), **size),
+        ]
+    )
     actor = tiny_spec("llama")
     specs = {"actor": actor, "ref": actor, "critic": actor.with_head("value")}
-    w = workload_from_graph(graph, specs, prompt_len=16, gen_len=8)
+    w = workload_from_graph(graph, specs)
     assert w.names == ("actor_gen", "ref_inf", "critic_inf", "actor_train")
     assert w.call("actor_train").deps == ("actor_gen", "ref_inf", "critic_inf")
     assert w.call("ref_inf").deps == ("actor_gen",)
-    assert w.call("critic_inf").spec.head == "value" and w.call("actor_gen").seq_len == 24
+    assert w.spec("critic_inf").head == "value" and w.call("actor_gen").seq_len == 24
     with pytest.raises(ValueError, match="no ModelSpec for role 'critic'"):
-        workload_from_graph(graph, {"actor": actor, "ref": actor}, 16, 8)
+        workload_from_graph(graph, {"actor": actor, "ref": actor})
 
 
 def test_runtime_resolves_plan_search_through_the_planner() -> None:
     # RealStrategy(plan="search") goes through lightning_real.plans.resolve_plan, which adapts the
     # dataflow graph with workload_from_graph and calls auto_plan; the plan must pass its checks.
-    from lightning_real.dataflow import grpo_graph, ppo_graph
+    from lightning_real.features import REFERENCE
+    from lightning_real.graphs import grpo_graph, ppo_graph
+    from lightning_real.planner.auto import search_plan
     from lightning_real.plans import resolve_plan
 
     actor = tiny_spec("llama")
@@ -197,7 +192,14 @@ def test_runtime_resolves_plan_search_through_the_planner() -> None:
         ppo_graph(16, prompt_len=32, gen_len=32, minibatches=2),
         grpo_graph(16, 4, prompt_len=32, gen_len=32),
     ):
-        plan = resolve_plan("search", graph, 4, specs, search_steps=200)
+        used = {r: specs[r] for r in graph.roles()}
+        plan = resolve_plan(
+            "search",
+            graph,
+            4,
+            used,
+            search=lambda g=graph, s=used: search_plan(g, s, REFERENCE, 4, steps=200),
+        )
         assert set(plan.layouts) == set(graph.names)
         for c in graph.calls:
             lay = plan.layouts[c.name]
@@ -208,7 +210,7 @@ def test_runtime_resolves_plan_search_through_the_planner() -> None:
 def test_plan_reads_training_recipes_with_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from lightning_real.models.hf import save_tiny_hf
     from lightning_real.models.spec import tiny_spec
-    from lightning_real.planner.recipe import workload_from_recipe
+    from lightning_real.recipes.planning import workload_from_recipe
 
     root = Path(__file__).resolve().parents[1]
     tiny = workload_from_recipe(str(root / "recipes" / "tiny" / "ppo.yaml"))
@@ -259,5 +261,6 @@ def test_plan_reads_training_recipes_with_overrides(tmp_path: Path, monkeypatch:
         "actor_train",
         "critic_train",
     }
-    with pytest.raises(ValueError, match="prices PPO recipes"):
-        workload_from_recipe(str(root / "recipes" / "tiny" / "sft.yaml"))
+    # every algorithm's recipe is priced through its own module's graph (SFT: one train call)
+    sft = workload_from_recipe(str(root / "recipes" / "tiny" / "sft.yaml"))
+    assert sft.names == ("actor_train",) and sft.spec("actor_train") == tiny_spec("llama")

@@ -4,22 +4,32 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import replace
 
 import pytest
 
-from lightning_real.models.spec import tiny_spec
-from lightning_real.planner.cost import CostConfig, Link, call_cost
+from lightning_real.dataflow import MFC
+from lightning_real.models.spec import ModelSpec, tiny_spec
+from lightning_real.planner.cost import CallCost, Link
+from lightning_real.planner.cost import call_cost as _price
 from lightning_real.planner.flops import forward_flops, generate_flops, train_flops
 from lightning_real.planner.hardware import H100, Cluster
 from lightning_real.planner.presets import llama2_spec
-from lightning_real.planner.workload import CallSpec
+from lightning_real.planner.workload import GPU_FEATURES
 
 NODE = Cluster(1, 8, H100)
+Call = tuple[MFC, ModelSpec]
 
 
-def _call(kind: str, size: str = "7b", batch: int = 64, prompt: int = 128, gen: int = 128) -> CallSpec:
-    spec = llama2_spec(size)
-    return CallSpec(kind, "actor", kind, spec, batch_size=batch, prompt_len=prompt, gen_len=gen)  # type: ignore[arg-type]
+def _call(kind: str, size: str = "7b", batch: int = 64, prompt: int = 128, gen: int = 128) -> Call:
+    mfc = MFC(kind, "actor", kind, (), (), batch_size=batch, prompt_len=prompt, gen_len=gen)  # type: ignore[arg-type]
+    return mfc, llama2_spec(size)
+
+
+def call_cost(
+    c: Call, dp: int, tp: int, pp: int, m: int, cluster: Cluster, features=GPU_FEATURES
+) -> CallCost:  # type: ignore[no-untyped-def]
+    return _price(c[0], c[1], dp, tp, pp, m, cluster, features)
 
 
 def test_forward_flops_match_closed_form_mha() -> None:
@@ -92,7 +102,7 @@ def test_large_batch_training_is_compute_bound() -> None:
     # plus the elementwise passes and layer overheads, which add under 25% here.
     c = _call("train", batch=64, prompt=128, gen=128)
     cost = call_cost(c, 8, 1, 1, 1, NODE)
-    ideal = train_flops(c.spec, 64, 256) / (8 * H100.flops)
+    ideal = train_flops(c[1], 64, 256) / (8 * H100.flops)
     assert ideal < cost.parts["compute"] < 1.25 * ideal
 
 
@@ -100,7 +110,7 @@ def test_decode_is_bandwidth_bound() -> None:
     # One sequence, one replica: each decode step streams every weight once; compute is tiny.
     c = _call("generate", batch=1, prompt=16, gen=65)
     cost = call_cost(c, 1, 1, 1, 1, NODE)
-    weight_bytes = 2 * c.spec.num_params()
+    weight_bytes = 2 * c[1].num_params()
     per_step = weight_bytes / H100.mem_bw
     # 64 decode steps + a prefill; layer overheads add 32 * 20 us per step. Tolerance 15%.
     expected = 64 * (per_step + 32 * H100.layer_overhead)
@@ -141,8 +151,8 @@ def test_cross_node_groups_use_the_slow_link() -> None:
 
 def test_distributed_optimizer_shrinks_optimizer_time() -> None:
     c = _call("train", batch=64)
-    zero = call_cost(c, 8, 1, 1, 1, NODE, CostConfig(distributed_optimizer=True)).parts["optimizer"]
-    full = call_cost(c, 8, 1, 1, 1, NODE, CostConfig(distributed_optimizer=False)).parts["optimizer"]
+    zero = call_cost(c, 8, 1, 1, 1, NODE, replace(GPU_FEATURES, optimizer="distributed")).parts["optimizer"]
+    full = call_cost(c, 8, 1, 1, 1, NODE, replace(GPU_FEATURES, optimizer="replicated")).parts["optimizer"]
     # ZeRO-1 over dp=8: each rank updates an eighth of the parameters
     assert zero == pytest.approx(full / 8, rel=1e-9)
     assert math.isfinite(zero) and zero > 0
@@ -150,8 +160,8 @@ def test_distributed_optimizer_shrinks_optimizer_time() -> None:
 
 def test_unfused_attention_costs_score_passes_and_memory() -> None:
     c = _call("train", batch=16, prompt=512, gen=512)
-    flash = call_cost(c, 1, 8, 1, 4, NODE, CostConfig(flash_attention=True))
-    plain = call_cost(c, 1, 8, 1, 4, NODE, CostConfig(flash_attention=False))
+    flash = call_cost(c, 1, 8, 1, 4, NODE, replace(GPU_FEATURES, attention="sdpa"))
+    plain = call_cost(c, 1, 8, 1, 4, NODE, replace(GPU_FEATURES, attention="local"))
     assert plain.time > flash.time
     # 4 sequences per microbatch, 1F1B with one stage keeps 1 microbatch: 32 layers x 4 heads
     # per tp rank x 1024^2 fp32 probabilities per sequence

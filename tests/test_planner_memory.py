@@ -2,24 +2,35 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
+from lightning_real.dataflow import MFC
 from lightning_real.layout import Layout
-from lightning_real.models.spec import tiny_spec
+from lightning_real.models.spec import ModelSpec, tiny_spec
 from lightning_real.planner.hardware import H100, Cluster
-from lightning_real.planner.memory import call_memory, fits, stage_params
-from lightning_real.planner.plan import Plan
+from lightning_real.planner.memory import MemoryBreakdown, fits, stage_params
+from lightning_real.planner.memory import call_memory as _memory
 from lightning_real.planner.presets import llama2_spec
 from lightning_real.planner.simulate import simulate
-from lightning_real.planner.workload import CallSpec, ppo_workload
+from lightning_real.planner.workload import GPU_FEATURES, ppo_workload
+from lightning_real.plans import Plan
+
+Call = tuple[MFC, ModelSpec]
 
 
-def _train(size: str) -> CallSpec:
-    return CallSpec("t", "actor", "train", llama2_spec(size), batch_size=8, prompt_len=128, gen_len=128)
+def _train(size: str) -> Call:
+    return MFC("t", "actor", "train", (), (), batch_size=8, prompt_len=128, gen_len=128), llama2_spec(size)
+
+
+def call_memory(c: Call, dp: int, tp: int, pp: int, m: int, features=GPU_FEATURES) -> MemoryBreakdown:  # type: ignore[no-untyped-def]
+    # GPU_FEATURES: bf16-mixed (2-byte weights), ZeRO-1 when dp > 1, SDPA attention
+    return _memory(c[0], c[1], dp, tp, pp, m, features)
 
 
 def test_70b_with_adam_does_not_fit_one_gpu() -> None:
-    mem = call_memory(_train("70b"), 1, 1, 1, 8, dtype_bytes=2)
+    mem = call_memory(_train("70b"), 1, 1, 1, 8)
     n = llama2_spec("70b").num_params()
     # bf16 weights 2 B, fp32 grads 4 B, fp32 master + Adam moments 12 B per parameter: 18 B each
     assert mem.params == 2 * n and mem.grads == 4 * n and mem.optimizer == 12 * n
@@ -29,8 +40,8 @@ def test_70b_with_adam_does_not_fit_one_gpu() -> None:
 
 
 def test_7b_training_fits_a_node_only_when_split() -> None:
-    assert fits(call_memory(_train("7b"), 1, 1, 1, 8, 2), H100.usable_mem) is not None
-    assert fits(call_memory(_train("7b"), 1, 8, 1, 8, 2), H100.usable_mem) is None
+    assert fits(call_memory(_train("7b"), 1, 1, 1, 8), H100.usable_mem) is not None
+    assert fits(call_memory(_train("7b"), 1, 8, 1, 8), H100.usable_mem) is None
 
 
 def test_stage_params_sum_to_the_model() -> None:
@@ -44,23 +55,23 @@ def test_stage_params_sum_to_the_model() -> None:
 
 def test_distributed_optimizer_splits_states_over_dp() -> None:
     c = _train("7b")
-    a = call_memory(c, 4, 2, 1, 8, 2, distributed_optimizer=True)
-    b = call_memory(c, 4, 2, 1, 8, 2, distributed_optimizer=False)
+    a = call_memory(c, 4, 2, 1, 8, replace(GPU_FEATURES, optimizer="distributed"))
+    b = call_memory(c, 4, 2, 1, 8, replace(GPU_FEATURES, optimizer="replicated"))
     assert a.optimizer == pytest.approx(b.optimizer / 4)
     assert a.params == b.params and a.grads == b.grads
 
 
 def test_kv_cache_of_generation() -> None:
     spec = llama2_spec("70b")
-    c = CallSpec("g", "actor", "generate", spec, batch_size=512, prompt_len=128, gen_len=896)
-    mem = call_memory(c, 4, 8, 2, 2, 2)
+    c = MFC("g", "actor", "generate", (), (), batch_size=512, prompt_len=128, gen_len=896), spec
+    mem = call_memory(c, 4, 8, 2, 2)
     # 128 sequences per replica x 1024 tokens x 40 layers per stage x (k, v) x 1024/8 x 2 bytes
     assert mem.kv_cache == 128 * 1024 * 40 * 2 * 128 * 2
 
 
 def test_more_microbatches_hold_fewer_activations() -> None:
     c = _train("13b")
-    acts = {m: call_memory(c, 1, 4, 2, m, 2).activations for m in (1, 2, 4, 8)}
+    acts = {m: call_memory(c, 1, 4, 2, m).activations for m in (1, 2, 4, 8)}
     # 1F1B on 2 stages keeps min(m, 2) microbatches of 8/m sequences: 8, 8, 4, 2 sequences
     assert acts[1] == acts[2] == pytest.approx(2 * acts[4]) == pytest.approx(4 * acts[8])
 
@@ -83,7 +94,7 @@ def test_resident_states_count_against_other_calls() -> None:
     )
     w = ppo_workload(spec, batch_size=8, prompt_len=64, gen_len=64)
     lay = Layout(1, 1, 1, (0,))
-    gen = call_memory(w.call("actor_gen"), 1, 1, 1, 1, 2)
+    gen = call_memory((w.call("actor_gen"), w.spec("actor_gen")), 1, 1, 1, 1)
     hw = H100.__class__(**{**H100.__dict__, "mem_bytes": 1.4 * gen.total / 0.9})
     res = simulate(w, Plan({n: lay for n in w.names}, {n: 1 for n in w.names}), Cluster(1, 1, hw))
     assert not res.feasible and "states of models living there" in res.reason  # type: ignore[operator]

@@ -7,18 +7,19 @@ import time
 import pytest
 import torch.distributed as dist
 
+from lightning_real.models.spec import check_layout
 from lightning_real.planner.baselines import baseline
 from lightning_real.planner.hardware import H100, Cluster
-from lightning_real.planner.plan import Plan
 from lightning_real.planner.presets import llama2_spec
 from lightning_real.planner.search import SearchConfig, SearchResult, search
 from lightning_real.planner.workload import Workload, ppo_workload
+from lightning_real.plans import Plan
 
 
 def _check_meshes(plan: Plan, cluster: Cluster, workload: Workload) -> None:
     g = cluster.gpus_per_node
     for name, lay in plan.layouts.items():
-        lay.validate(cluster.n_devices, workload.call(name).spec)
+        check_layout(workload.spec(name), lay.resolve(cluster.n_devices))
         ranks = lay.ranks or ()
         start, n = ranks[0], len(ranks)
         assert ranks == tuple(range(start, start + n)), f"{name}: {lay} is not contiguous"

@@ -9,12 +9,12 @@ import pytest
 from lightning_real.layout import Layout
 from lightning_real.models.spec import tiny_spec
 from lightning_real.planner.hardware import H100, Cluster
-from lightning_real.planner.plan import Plan
 from lightning_real.planner.presets import llama2_spec
 from lightning_real.planner.simulate import simulate
 from lightning_real.planner.timeline import device_rows, plot_timeline
 from lightning_real.planner.transfer import realloc_cost, realloc_time
 from lightning_real.planner.workload import ppo_workload
+from lightning_real.plans import Plan
 from lightning_real.realloc import plan_realloc
 
 NODE = Cluster(1, 8, H100)
@@ -67,7 +67,9 @@ def test_reallocation_before_calls_away_from_home() -> None:
         and mv.end <= {e.name: e for e in res.events}["actor_gen"].start + 1e-12
     )
     src, dst = Layout.parse("d1t4p1@0-3"), Layout.parse("d2t4p1@0-7")
-    assert mv.end - mv.start == pytest.approx(realloc_time(W.call("actor_gen").spec, src, dst, NODE))
+    assert mv.end - mv.start == pytest.approx(
+        realloc_time(W.spec("actor_gen"), src, dst, NODE, W.features.param_bytes)
+    )
 
 
 def test_same_layout_everywhere_moves_nothing() -> None:
@@ -103,13 +105,13 @@ def test_realloc_time_is_bounded_by_the_slowest_receiver() -> None:
     spec = llama2_spec("7b")
     src, dst = Layout.parse("d1t1p1@0"), Layout.parse("d1t1p1@1")
     # all 13.5 GB go to one rank over NVLink (same node)
-    t = realloc_time(spec, src, dst, NODE)
+    t = realloc_time(spec, src, dst, NODE, 2)  # bf16 working copy
     assert t == pytest.approx(2 * spec.num_params() / H100.intra_bw + H100.intra_latency)
     # across nodes the same move takes the InfiniBand bandwidth
     two = Cluster(2, 8, H100)
-    t2 = realloc_time(spec, src, Layout.parse("d1t1p1@8"), two)
+    t2 = realloc_time(spec, src, Layout.parse("d1t1p1@8"), two, 2)
     assert t2 == pytest.approx(2 * spec.num_params() / H100.inter_bw + H100.inter_latency)
-    assert realloc_time(spec, src, src, NODE) == 0.0
+    assert realloc_time(spec, src, src, NODE, 2) == 0.0
 
 
 def test_timeline_rows_and_picture(tmp_path: Path) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_real.dataflow import grpo_graph, ppo_graph
 from lightning_real.distributed.launch import spawn
+from lightning_real.graphs import grpo_graph, ppo_graph
 from lightning_real.layout import Layout
 from lightning_real.models.spec import tiny_spec
 from lightning_real.plans import Plan, PlanError, check_plan, disjoint, resolve_plan, symmetric
@@ -66,7 +66,12 @@ def test_named_plans():
 
 def test_search_plan_comes_from_the_planner():
     g = ppo_graph(8, prompt_len=16, gen_len=8)
-    p = resolve_plan("search", g, 4, _specs(), search_steps=50)
+    from lightning_real.features import REFERENCE
+    from lightning_real.planner.auto import search_plan
+
+    p = resolve_plan(
+        "search", g, 4, _specs(), search=lambda: search_plan(g, _specs(), REFERENCE, 4, steps=50)
+    )
     assert p.name == "search" and set(p.layouts) == set(g.names)
     assert all(lay.ranks is not None and max(lay.ranks) < 4 for lay in p.layouts.values())
 

@@ -17,9 +17,9 @@ from lightning_real.recipes.convert import valid_keys
 from lightning_real.recipes.errors import RecipeError
 from lightning_real.recipes.launch import resolve_world, start_method
 from lightning_real.recipes.load import as_mapping, load_recipe
-from lightning_real.recipes.modules import MODULES
 from lightning_real.recipes.reference import reference
 from lightning_real.recipes.schema import ALGORITHMS, Recipe, TrainerConfig
+from lightning_real.registry import ALGORITHMS as REGISTRY
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("**/*.yaml"))
@@ -55,7 +55,7 @@ def test_tiny_recipe_builds_on_its_devices_without_writing(
     monkeypatch.chdir(tmp_path)  # the tiny recipes write under runs/ of the working folder
     recipe = load_recipe(path)
     trainer, module, dm = build(recipe)
-    assert type(module).__name__ == MODULES[recipe.algorithm][1]
+    assert type(module).__name__ == REGISTRY[recipe.algorithm].cls
     assert trainer.num_devices == recipe.trainer.devices == 4
     assert len(dm.train_set) >= recipe.data.batch_size  # type: ignore[attr-defined]
     assert list(tmp_path.iterdir()) == []
@@ -92,7 +92,7 @@ def test_full_recipe_builds_with_an_hf_folder(algo: str, tiny_hf: Path, tmp_path
     recipe = load_recipe(path, [*overrides, *small, *cpu])
     assert recipe.data.tokenizer == str(tiny_hf)  # ${actor.path} / ${reward.path}
     _, module, _ = build(recipe)
-    assert type(module).__name__ == MODULES[algo][1]
+    assert type(module).__name__ == REGISTRY[algo].cls
     assert not (tmp_path / "out").exists()
 
 

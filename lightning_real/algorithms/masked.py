@@ -93,7 +93,7 @@ class RunningMeanStd:
     @property
     def std(self) -> float:
         """Running standard deviation."""
-        return (self.var + self.eps) ** 0.5
+        return float((self.var + self.eps) ** 0.5)
 
     def normalize(self, x: torch.Tensor, subtract_mean: bool = False) -> torch.Tensor:
         """``x / std`` (or ``(x - mean) / std``) with the current statistics."""

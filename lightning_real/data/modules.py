@@ -8,14 +8,16 @@ splits the data here.
 
 from __future__ import annotations
 
+from collections.abc import Sized
 from dataclasses import dataclass, fields, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+from typing_extensions import override
 
 from lightning_real.data.collate import collate_pairs, collate_prompts, collate_sft
 from lightning_real.data.datasets import PreferenceDataset, PromptDataset, SFTDataset, TextLimits, Truncation
@@ -99,6 +101,7 @@ class _TextDataModule(LightningDataModule):
             # an empty loop nor warns about a loader without a validation_step.
             self.val_dataloader = self._val_dataloader  # type: ignore[method-assign]
 
+    @override
     def setup(self, stage: str | None = None) -> None:
         lim = self.config.limits()
         if self.train_set is None:
@@ -119,9 +122,9 @@ class _TextDataModule(LightningDataModule):
                 drop_last=c.drop_last,
             )
         elif shuffle:
-            sampler = RandomSampler(ds, generator=torch.Generator().manual_seed(c.seed))
+            sampler = RandomSampler(cast(Sized, ds), generator=torch.Generator().manual_seed(c.seed))
         else:
-            sampler = SequentialSampler(ds)
+            sampler = SequentialSampler(cast(Sized, ds))
         return DataLoader(
             ds,
             batch_size=c.batch_size,
@@ -131,6 +134,7 @@ class _TextDataModule(LightningDataModule):
             num_workers=c.num_workers,
         )
 
+    @override
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
         assert self.train_set is not None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +13,10 @@ from torch import nn
 from lightning_real.compat import apply_cpu_compat, cuda_to_cpu, has_cuda
 from lightning_real.distributed.groups import LayoutGroups
 from lightning_real.layout import LayoutError
-from lightning_real.models.spec import ModelSpec
+from lightning_real.models.spec import ModelSpec, check_layout
+
+if TYPE_CHECKING:
+    from megatron.core.models.gpt import GPTModel
 
 
 def stage_layers(num_layers: int, pp: int) -> list[int]:
@@ -143,7 +146,7 @@ def zero_vocab_padding_(model: nn.Module, spec: ModelSpec, tp: int, tp_rank: int
             params[name][hi - lo :].zero_()
 
 
-def _pad_vocab(model: nn.Module, spec: ModelSpec, groups: LayoutGroups) -> None:
+def _pad_vocab(model: GPTModel, spec: ModelSpec, groups: LayoutGroups) -> None:
     """Zero the padding rows and mask their logits (nothing to do without padding)."""
     tp = groups.layout.tp
     if spec.padded_vocab_size(tp) == spec.vocab_size:
@@ -156,7 +159,7 @@ def _pad_vocab(model: nn.Module, spec: ModelSpec, groups: LayoutGroups) -> None:
 
 def build_gpt(
     spec: ModelSpec, groups: LayoutGroups, seed: int = 0, dtype: torch.dtype = torch.float32
-) -> nn.Module:
+) -> GPTModel:
     """A megatron-core GPTModel holding this rank's shard of ``spec`` under ``groups.layout``.
 
     All ranks of the layout must call this together with the same ``seed``; random weights
@@ -168,43 +171,45 @@ def build_gpt(
 
     if not groups.member:
         raise RuntimeError(f"rank {groups.rank} is not in layout {groups.layout}; nothing to build")
-    groups.layout.validate(
-        groups.layout.size if groups.layout.ranks is None else 1 + max(groups.layout.ranks), spec
-    )
+    check_layout(spec, groups.layout)
     apply_cpu_compat()
     from megatron.core import parallel_state
 
     # Core attention borrows scratch space from megatron's process-wide buffer.
     if parallel_state._GLOBAL_MEMORY_BUFFER is None:
         parallel_state._set_global_memory_buffer()
-    torch.manual_seed(seed)
-    tensor_parallel.model_parallel_cuda_manual_seed(
-        seed,
-        inference_rng_tracker=not has_cuda(),
-        tp_rank=groups.tp_rank,
-        ep_rank=0,
-        etp_rank=0,
-        force_reset_rng=True,
-    )
-    config = transformer_config(spec, groups, dtype)
-    layer_spec = get_gpt_layer_local_spec(normalization=config.normalization)
-    # Tied embeddings across pipeline stages move the weight with .cuda() during construction.
-    with cuda_to_cpu():
-        model = GPTModel(
-            config=config,
-            transformer_layer_spec=layer_spec,
-            vocab_size=spec.padded_vocab_size(groups.layout.tp),
-            max_sequence_length=spec.max_position_embeddings,
-            pre_process=groups.is_first_stage,
-            post_process=groups.is_last_stage,
-            parallel_output=True,
-            share_embeddings_and_output_weights=spec.tied_embeddings,
-            position_embedding_type="learned_absolute" if spec.learned_positions else "rope",
-            rotary_base=int(spec.rope_theta),
-            pg_collection=groups.pg_collection(),
+    # Building draws random weights; the draws happen in a fork of the process's random state,
+    # so building (or moving to) a layout never resets what later draws in this process see.
+    # megatron's model-parallel RNG tracker is reset here (it only feeds dropout, which is off).
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if has_cuda() else []):
+        torch.manual_seed(seed)
+        tensor_parallel.model_parallel_cuda_manual_seed(
+            seed,
+            inference_rng_tracker=not has_cuda(),
+            tp_rank=groups.tp_rank,
+            ep_rank=0,
+            etp_rank=0,
+            force_reset_rng=True,
         )
-    if spec.head == "value" and groups.is_last_stage:
-        model.output_layer = ValueHead(spec.hidden_size, dtype)
+        config = transformer_config(spec, groups, dtype)
+        layer_spec = get_gpt_layer_local_spec(normalization=config.normalization)
+        # Tied embeddings across pipeline stages move the weight with .cuda() during construction.
+        with cuda_to_cpu():
+            model = GPTModel(
+                config=config,
+                transformer_layer_spec=layer_spec,
+                vocab_size=spec.padded_vocab_size(groups.layout.tp),
+                max_sequence_length=spec.max_position_embeddings,
+                pre_process=groups.is_first_stage,
+                post_process=groups.is_last_stage,
+                parallel_output=True,
+                share_embeddings_and_output_weights=spec.tied_embeddings,
+                position_embedding_type="learned_absolute" if spec.learned_positions else "rope",
+                rotary_base=int(spec.rope_theta),
+                pg_collection=groups.pg_collection(),
+            )
+        if spec.head == "value" and groups.is_last_stage:
+            model.output_layer = ValueHead(spec.hidden_size, dtype)
     _pad_vocab(model, spec, groups)
     if has_cuda():
         model = model.cuda()

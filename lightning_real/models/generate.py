@@ -270,9 +270,10 @@ class _StageRunner:
         from megatron.core.inference.contexts import StaticInferenceContext
 
         g, lay = shard.groups, shard.layout
+        assert shard.module is not None, "only the layout's ranks generate"
         self.model = shard.module
         self.hidden = shard.spec.hidden_size
-        p = next(self.model.parameters())  # type: ignore[union-attr]
+        p = next(self.model.parameters())
         self.dtype, self.device = p.dtype, p.device
         self.prev = lay.rank_at(g.dp_rank, g.tp_rank, g.pp_rank - 1) if g.pp_rank > 0 else None
         self.next = lay.rank_at(g.dp_rank, g.tp_rank, g.pp_rank + 1) if g.pp_rank < lay.pp - 1 else None
@@ -284,8 +285,8 @@ class _StageRunner:
         if self.prev is not None:
             x = torch.empty(n, b, self.hidden, dtype=self.dtype, device=self.device)
             dist.recv(x, self.prev)
-            self.model.set_input_tensor(x)  # type: ignore[union-attr]
-        out = self.model(ids, pos, mask, inference_context=self.ctx, runtime_gather_output=True)  # type: ignore[misc]
+            self.model.set_input_tensor(x)
+        out: torch.Tensor = self.model(ids, pos, mask, inference_context=self.ctx, runtime_gather_output=True)
         self.ctx.sequence_len_offset += n
         self.ctx.enable_decode_mode()  # every call after the prefill feeds one token
         if self.next is not None:
@@ -332,7 +333,7 @@ def generate(
     per_row = row_offset is not None
     seed = 0 if config.greedy else _replica_seed(shard, config.seed, device, per_row)
     tp_group = g.tp if lay.tp > 1 else None
-    rows = (row_offset, row_offset + b) if per_row and not config.greedy else None
+    rows = (row_offset, row_offset + b) if row_offset is not None and not config.greedy else None
     sampler = (
         VocabParallelSampler(config, shard.spec.vocab_size, seed, device, tp_group, rows) if last else None
     )

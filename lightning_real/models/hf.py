@@ -18,9 +18,7 @@ Tensor-level conversion lives in :mod:`lightning_real.models.hf_convert`. LM hea
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
@@ -30,6 +28,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
+from lightning_real.checkpoint.folders import CheckpointError, swap_in, temp_folder
 from lightning_real.distributed.groups import LayoutGroups
 from lightning_real.models.hf_convert import (
     TRUNK_PREFIX,
@@ -62,10 +61,6 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 VALUE_HEAD = "output_layer.weight"
 Head = Literal["lm", "value"]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or written: the message names the folder and what is wrong."""
 
 
 def architecture(spec: ModelSpec) -> str:
@@ -282,20 +277,6 @@ def gather_canonical(shard: ModelShard) -> dict[str, torch.Tensor] | None:
 
 
 # ---- writing ------------------------------------------------------------------------------------
-def _temp_dir(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-
-
-def _swap_in(tmp: Path, path: Path) -> None:
-    """Replace ``path`` by ``tmp``; the old folder is removed only once the new one is in place."""
-    old = path.with_name(f".{path.name}.old-{os.getpid()}")
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _write_config(spec: ModelSpec, folder: Path, dtype: torch.dtype) -> None:
     cfg = spec.to_hf_config()
     cfg.architectures = [architecture(spec)]
@@ -315,11 +296,11 @@ def _save_tensors(spec: ModelSpec, tensors: dict[str, torch.Tensor], file: Path)
 def write_hf(spec: ModelSpec, tensors: dict[str, torch.Tensor], path: str | Path) -> Path:
     """Write canonical tensors as an HF checkpoint folder, atomically (a failed write keeps the old one)."""
     path = Path(path)
-    tmp = _temp_dir(path)
+    tmp = temp_folder(path)
     try:
         _save_tensors(spec, tensors, tmp / SINGLE_FILE)
         _write_config(spec, tmp, next(iter(tensors.values())).dtype)
-        _swap_in(tmp, path)
+        swap_in(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -353,7 +334,7 @@ def _finish(
         for f in sorted(copy_files_from.iterdir()):
             if f.is_file() and f.name not in skip and not f.name.endswith((".safetensors", ".bin")):
                 shutil.copy2(f, tmp / f.name)
-    _swap_in(tmp, path)
+    swap_in(tmp, path)
 
 
 def save_hf(shard: ModelShard, path: str | Path, copy_files_from: str | Path | None = None) -> Path | None:
@@ -374,7 +355,7 @@ def save_hf(shard: ModelShard, path: str | Path, copy_files_from: str | Path | N
     box: list[Any] = [None]
     if g.rank == first:
         try:
-            box = [str(_temp_dir(path))]
+            box = [str(temp_folder(path))]
         except OSError as e:
             box = [OSError(f"cannot create a folder beside {path}: {e}")]
     dist.broadcast_object_list(box, src=first, group=g.all)
@@ -425,7 +406,7 @@ def hf_model(spec: ModelSpec, tensors: dict[str, torch.Tensor] | None = None) ->
     import transformers
 
     cls = getattr(transformers, architecture(spec))
-    model = cls(spec.to_hf_config()).eval()
+    model: Any = cls(spec.to_hf_config()).eval()
     if tensors is not None:
         state = canonical_to_hf(spec, tensors)
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -436,7 +417,8 @@ def hf_model(spec: ModelSpec, tensors: dict[str, torch.Tensor] | None = None) ->
             )
         if spec.tied_embeddings:
             model.tie_weights()
-    return model
+    result: torch.nn.Module = model
+    return result
 
 
 def save_tiny_hf(spec: ModelSpec, path: str | Path, seed: int = 0) -> Path:
@@ -448,11 +430,11 @@ def save_tiny_hf(spec: ModelSpec, path: str | Path, seed: int = 0) -> Path:
     from lightning_real.models.sharding import random_canonical
 
     path = Path(path)
-    model = hf_model(spec, random_canonical(spec, seed))
-    tmp = _temp_dir(path)
+    model: Any = hf_model(spec, random_canonical(spec, seed))  # a transformers PreTrainedModel
+    tmp = temp_folder(path)
     try:
         model.save_pretrained(tmp)
-        _swap_in(tmp, path)
+        swap_in(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

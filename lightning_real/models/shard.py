@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -13,6 +14,10 @@ from lightning_real.models.build import build_gpt
 from lightning_real.models.sharding import ParamSpec, load_canonical_, named_local_params
 from lightning_real.models.spec import ModelSpec
 
+if TYPE_CHECKING:
+    # megatron-core ships no type information: its GPTModel reads as Any to the checker.
+    from megatron.core.models.gpt import GPTModel
+
 
 @dataclass
 class ModelShard:
@@ -22,7 +27,7 @@ class ModelShard:
     """Architecture of the whole model."""
     groups: LayoutGroups
     """Process groups of the layout on this rank."""
-    module: nn.Module | None
+    module: GPTModel | None
     """megatron-core GPTModel shard, or None when this rank is not in the layout."""
 
     @property

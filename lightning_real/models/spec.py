@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+from lightning_real.layout import Layout, LayoutError
+
 Family = Literal["llama", "qwen2", "gpt2"]
 FAMILIES: tuple[str, ...] = ("llama", "qwen2", "gpt2")
 HEADS: tuple[str, ...] = ("lm", "value")
@@ -188,7 +190,7 @@ class ModelSpec:
             )
             if self.family == "llama":
                 kwargs.update(attention_bias=False, mlp_bias=False)
-            cfg = cfg_cls(**kwargs)
+            cfg: Any = cfg_cls(**kwargs)
         else:
             cfg = transformers.GPT2Config(
                 vocab_size=self.vocab_size,
@@ -209,6 +211,24 @@ class ModelSpec:
         if self.head == "value":
             cfg.num_labels = 1
         return cfg
+
+
+def check_layout(spec: ModelSpec, layout: Layout) -> Layout:
+    """``layout`` if it can split ``spec`` (heads and key/value heads over tp, layers over pp),
+    else a LayoutError naming the layout and what does not divide."""
+    if spec.num_heads % layout.tp:
+        raise LayoutError(
+            f"layout {layout}: {spec.num_heads} attention heads are not divisible by tp={layout.tp}"
+        )
+    if spec.num_kv_heads % layout.tp:
+        raise LayoutError(
+            f"layout {layout}: {spec.num_kv_heads} key/value heads are not divisible by tp={layout.tp}"
+        )
+    if spec.num_layers < layout.pp:
+        raise LayoutError(
+            f"layout {layout}: {spec.num_layers} layers are fewer than pp={layout.pp} pipeline stages"
+        )
+    return layout
 
 
 def tiny_spec(family: Family = "llama", head: Literal["lm", "value"] = "lm", **overrides: Any) -> ModelSpec:

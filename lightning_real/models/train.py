@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_real.compat import cuda_to_cpu
+from lightning_real.layout import row_range
 from lightning_real.models.forward import attention_mask_4d, position_ids
 from lightning_real.models.optim import (
     OptimConfig,
@@ -92,9 +93,7 @@ def split_microbatches(batch: Batch, n_mbs: int) -> list[Batch]:
 
 def split_for_dp(batch: Batch, dp: int, dp_rank: int) -> Batch:
     """This data-parallel replica's contiguous share of a global batch (the rows the runtime
-    hands the replica: :func:`lightning_real.runtime.transfer.row_range`)."""
-    from lightning_real.runtime.transfer import row_range
-
+    hands the replica: :func:`lightning_real.layout.row_range`)."""
     lo, hi = row_range(int(next(iter(batch.values())).shape[0]), dp, dp_rank)
     return {k: v[lo:hi] for k, v in batch.items()}
 
@@ -121,6 +120,16 @@ class TrainEngine:
             shard.member and shard.spec.tied_embeddings and shard.spec.head == "lm" and g.layout.pp > 1
         )
         self.optimizer = build_adamw(self._params, self.config.optim) if shard.member else None
+
+    @property
+    def distributed(self) -> bool:
+        """Whether Adam states are split over the data-parallel group (ZeRO-1)."""
+        return False
+
+    @property
+    def has_master_weights(self) -> bool:
+        """Whether the optimizer updates fp32 master copies of 16-bit parameters."""
+        return False
 
     @property
     def tp_group(self) -> Any:
@@ -254,7 +263,7 @@ class TrainEngine:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         if g.layout.dp > 1:
-            self._dp_average([p.grad for _, p in self._params])
+            self._dp_average([p.grad for _, p in self._params if p.grad is not None])
         if self._tied_pp:
             # The embedding (first stage) and the output copy (last stage) are one weight: each
             # copy gets the gradient of both uses.
@@ -295,8 +304,8 @@ class TrainEngine:
             )
             if g.layout.dp > 1:
                 dist.all_reduce(vals, group=g.dp)
-            vals = (vals / norm).tolist()
-            out = {"loss": vals[0], **dict(zip(keys, vals[1:]))}
+            means: list[float] = (vals / norm).tolist()
+            out = {"loss": means[0], **dict(zip(keys, means[1:]))}
         if g.layout.pp > 1:
             box = [out]
             last = g.layout.rank_at(g.dp_rank, g.tp_rank, g.layout.pp - 1)

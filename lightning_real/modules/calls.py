@@ -15,16 +15,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from lightning_real.models.generate import GenerationConfig, generate
+from lightning_real.models.generate import GenerationConfig
 from lightning_real.models.shard import ModelShard
+from lightning_real.runtime.build import CallFn, Rows
+from lightning_real.runtime.generation import Generator
 
-Rows = dict[str, torch.Tensor]
-CallFn = Callable[[Any, Rows], tuple[Rows, dict[str, float]]]
 RewardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """A rule-based reward: ``(seq, attention_mask, loss_mask) -> scores [B]``."""
 
 
 def generate_call(
+    generator: Generator,
     config: GenerationConfig,
     seed_of_step: Callable[[], int],
     group_size: int = 1,
@@ -42,14 +43,15 @@ def generate_call(
     ``greedy_seq``...); ``keys`` keeps only those output keys (after renaming).
     """
 
-    def fn(shard: ModelShard, x: Rows) -> tuple[Rows, dict[str, float]]:
+    def fn(shard: ModelShard | None, x: Rows) -> tuple[Rows, dict[str, float]]:
+        assert shard is not None, "the call runs on its layout's ranks, which hold the model"
         prompts, pmask = x["prompts"], x["prompt_mask"]
         if group_size > 1:
             prompts = prompts.repeat_interleave(group_size, 0)
             pmask = pmask.repeat_interleave(group_size, 0)
         b = prompts.shape[0]
         cfg = replace(config, seed=seed_of_step(), greedy=greedy or config.greedy)
-        out = generate(shard, prompts, pmask, cfg, row_offset=shard.groups.dp_rank * b)
+        out = generator.generate(shard, prompts, pmask, cfg, row_offset=shard.groups.dp_rank * b)
         p = out.prompt_length
         resp = out.response_mask.to(pmask.dtype)
         old = torch.zeros(b, out.tokens.shape[1] - 1, dtype=torch.float32, device=out.tokens.device)
@@ -74,7 +76,8 @@ def logprob_call(n_mbs: int, out_key: str = "ref_logp", in_prefix: str = "") -> 
     """``ref_inf``: log-probabilities of the sequence's tokens, zero off the response."""
     from lightning_real.models.forward import forward_logprobs
 
-    def fn(shard: ModelShard, x: Rows) -> tuple[Rows, dict[str, float]]:
+    def fn(shard: ModelShard | None, x: Rows) -> tuple[Rows, dict[str, float]]:
+        assert shard is not None, "the call runs on its layout's ranks, which hold the model"
         seq, am, lm = (x[in_prefix + k] for k in ("seq", "attention_mask", "loss_mask"))
         lp = forward_logprobs(shard, seq, am, n_mbs=n_mbs)
         return {out_key: lp * lm[:, 1:].to(lp.device, lp.dtype)}, {}
@@ -86,7 +89,8 @@ def value_call(n_mbs: int) -> CallFn:
     """``critic_inf``: per-token values ``[B, S]``, zero on padding."""
     from lightning_real.models.forward import forward_values
 
-    def fn(shard: ModelShard, x: Rows) -> tuple[Rows, dict[str, float]]:
+    def fn(shard: ModelShard | None, x: Rows) -> tuple[Rows, dict[str, float]]:
+        assert shard is not None, "the call runs on its layout's ranks, which hold the model"
         v = forward_values(shard, x["seq"], x["attention_mask"], n_mbs=n_mbs)
         return {"values": v * x["attention_mask"].to(v.device, v.dtype)}, {}
 

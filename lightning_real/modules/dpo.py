@@ -16,9 +16,15 @@ from typing import Any
 import torch
 
 from lightning_real.algorithms.dpo import DPOConfig
+from lightning_real.dataflow import DataflowGraph
+from lightning_real.graphs.common import PAIR_SOURCES
+from lightning_real.graphs.dpo import dpo_graph
 from lightning_real.models.optim import OptimConfig
-from lightning_real.models.spec import ModelSpec
-from lightning_real.module import ModelSource, RealContext, RLHFModule, load_home, spec_of
+from lightning_real.models.shard import ModelShard
+from lightning_real.models.source import ModelSource, spec_of
+from lightning_real.module import RLHFModule
+from lightning_real.runtime.build import CallFn, RuntimeContext
+from lightning_real.runtime.roles import RoleDecl, Training
 
 Batch = dict[str, torch.Tensor]
 
@@ -107,65 +113,47 @@ class DPOModule(RLHFModule):
             )
         self.real_graph()  # checks batch_size and n_mbs now rather than at setup
 
-    def real_graph(self) -> Any:
-        from lightning_real.dataflow import dpo_graph
-
+    def real_graph(self) -> DataflowGraph:
         return dpo_graph(self.batch_size, self.n_mbs)
 
-    def real_specs(self) -> dict[str, ModelSpec]:
-        return {"actor": self.spec, "ref": self.ref_spec}
-
-    def make_source(self, batch: Any) -> dict[str, torch.Tensor]:
-        from lightning_real.dataflow import PAIR_SOURCES
-
-        return {k: batch[k] for k in PAIR_SOURCES}
-
-    def real_setup(self, strategy: Any) -> RealContext:
-        from lightning_real.algorithms.dpo import dpo_loss
-        from lightning_real.models.forward import forward_logprobs
-        from lightning_real.models.train import TrainConfig, TrainEngine
-        from lightning_real.models.vocab_parallel import vocab_parallel_logprobs
-        from lightning_real.realloc import Reallocator
-        from lightning_real.runtime.pool import ModelPool, PooledModel
-
-        def home(call: str, source: ModelSource, spec: ModelSpec) -> Any:
-            return load_home(source, spec, strategy.registry.for_layout(strategy.plan[call]), self.seed)
-
-        # every call's microbatches: the plan's, else the graph's (resolved by the strategy)
-        train_mbs, ref_mbs = strategy.microbatches["actor_train"], strategy.microbatches["ref_inf"]
-        actor = home("actor_train", self.actor_source, self.spec)
-        ref = home("ref_inf", self.ref_source, self.ref_spec)
-        if ref.module is not None:
-            ref.module.eval().requires_grad_(False)
-
-        def loss_fn(out: torch.Tensor, mb: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            lp = vocab_parallel_logprobs(out[:, :-1], mb["input_ids"][:, 1:], self.engine.tp_group)
-            chosen, rejected = pair_logps(lp, mb["chosen_loss_mask"], mb["rejected_loss_mask"])
-            loss, m = dpo_loss(
-                chosen, rejected, mb["ref_chosen_logp"], mb["ref_rejected_logp"], self.dpo, reduction="sum"
-            )
-            metrics = {k if k.startswith("dpo/") else f"dpo/{k}": v for k, v in m.items()}
-            metrics["dpo/logps/chosen"] = chosen.detach().sum()
-            metrics["dpo/logps/rejected"] = rejected.detach().sum()
-            return loss, metrics
-
+    def real_roles(self) -> tuple[RoleDecl, ...]:
         # norm_key None: the summed loss and metrics are divided by the number of pairs (rows).
-        cfg = TrainConfig(n_mbs=train_mbs, norm_key=None, optim=self.optim)
-        self.engine = TrainEngine(actor, loss_fn, cfg)
-        self.pool = ModelPool()
-        self.pool.add(PooledModel("actor", actor, Reallocator(self.spec, strategy.registry)))
-        # The reference never changes, so a copy made for a call would never go stale.
-        self.pool.add(
-            PooledModel("ref", ref, Reallocator(self.ref_spec, strategy.registry), keep_copies=True)
+        training = Training(self._loss, self.optim, norm_key=None)
+        return (
+            RoleDecl("actor", self.actor_source, self.spec, self.seed, training=training),
+            RoleDecl("ref", self.ref_source, self.ref_spec, self.seed),
         )
 
-        def ref_inf(shard: Any, x: Batch) -> tuple[Batch, dict[str, float]]:
+    def make_source(self, batch: Any) -> dict[str, torch.Tensor]:
+        return {k: batch[k] for k in PAIR_SOURCES}
+
+    def _loss(self, out: torch.Tensor, mb: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        from lightning_real.algorithms.dpo import dpo_loss
+        from lightning_real.models.vocab_parallel import vocab_parallel_logprobs
+
+        lp = vocab_parallel_logprobs(out[:, :-1], mb["input_ids"][:, 1:], self.engines["actor"].tp_group)
+        chosen, rejected = pair_logps(lp, mb["chosen_loss_mask"], mb["rejected_loss_mask"])
+        loss, m = dpo_loss(
+            chosen, rejected, mb["ref_chosen_logp"], mb["ref_rejected_logp"], self.dpo, reduction="sum"
+        )
+        metrics = {k if k.startswith("dpo/") else f"dpo/{k}": v for k, v in m.items()}
+        metrics["dpo/logps/chosen"] = chosen.detach().sum()
+        metrics["dpo/logps/rejected"] = rejected.detach().sum()
+        return loss, metrics
+
+    def real_calls(self, ctx: RuntimeContext) -> dict[str, CallFn]:
+        from lightning_real.models.forward import forward_logprobs
+
+        engine, ref_mbs = ctx.engine("actor"), ctx.microbatches("ref_inf")
+
+        def ref_inf(shard: ModelShard | None, x: Batch) -> tuple[Batch, dict[str, float]]:
+            assert shard is not None
             p = pack_pairs(x)
             lp = forward_logprobs(shard, p["input_ids"], p["attention_mask"], ref_mbs, p["segment_ids"])
             chosen, rejected = pair_logps(lp, x["chosen_loss_mask"], x["rejected_loss_mask"])
             return {"ref_chosen_logp": chosen, "ref_rejected_logp": rejected}, {}
 
-        def actor_train(shard: Any, x: Batch) -> tuple[Batch, dict[str, float]]:
+        def actor_train(shard: ModelShard | None, x: Batch) -> tuple[Batch, dict[str, float]]:
             batch = {
                 **pack_pairs(x),
                 "chosen_loss_mask": x["chosen_loss_mask"],
@@ -173,19 +161,9 @@ class DPOModule(RLHFModule):
                 "ref_chosen_logp": x["ref_chosen_logp"],
                 "ref_rejected_logp": x["ref_rejected_logp"],
             }
-            m = self.engine.step(batch)
+            m = engine.step(batch)
             metrics = {k: v for k, v in m.items() if k.startswith("dpo/")}
             metrics.update({"actor/grad_norm": m["grad_norm"], "actor/lr": m["lr"]})
             return {}, metrics
 
-        return RealContext(
-            {"ref_inf": ref_inf, "actor_train": actor_train}, self.pool.move, self.pool.release
-        )
-
-    def real_state_dict(self) -> dict[str, Any]:
-        # The reference is frozen: it is rebuilt from its source rather than written each time.
-        return {"actor": self.shard_state_dict("actor"), "actor_optim": self.engine.state_dict()}
-
-    def load_real_state_dict(self, state: dict[str, Any]) -> None:
-        self.load_shard_state_dict("actor", state["actor"])
-        self.engine.load_state_dict(state["actor_optim"])
+        return {"ref_inf": ref_inf, "actor_train": actor_train}

@@ -1,6 +1,6 @@
 """GRPO: ``group_size`` responses per prompt, group-relative advantages, no critic.
 
-The graph is :func:`lightning_real.dataflow.grpo_graph` (``actor_gen``, ``ref_inf`` when the KL
+The graph is :func:`lightning_real.graphs.grpo.grpo_graph` (``actor_gen``, ``ref_inf`` when the KL
 weight is not 0, ``rew_inf``, ``actor_train``). ``actor_train`` gathers the global batch over
 its data-parallel group so every group's baseline sees all of its responses, whatever the
 layout, then steps on its replica's share.
@@ -16,10 +16,12 @@ from typing import Any, ClassVar
 import torch
 
 from lightning_real.algorithms.grpo import GRPOConfig, group_advantages, grpo_loss, grpo_metrics
+from lightning_real.dataflow import DataflowGraph
+from lightning_real.graphs.grpo import grpo_graph
 from lightning_real.models.generate import GenerationConfig
 from lightning_real.models.optim import OptimConfig
 from lightning_real.models.shard import ModelShard
-from lightning_real.module import ModelSource, RealContext
+from lightning_real.models.source import ModelSource
 from lightning_real.modules.calls import (
     Rows,
     gather_rows,
@@ -30,6 +32,8 @@ from lightning_real.modules.calls import (
     train_steps,
 )
 from lightning_real.modules.rollout import RewardSource, RolloutModule
+from lightning_real.runtime.build import CallFn, RuntimeContext
+from lightning_real.runtime.roles import Training
 
 
 class GRPOModule(RolloutModule):
@@ -43,10 +47,10 @@ class GRPOModule(RolloutModule):
         generation: sampling settings (EOS and pad default to the tokenizer's).
         grpo: GRPO hyper-parameters.
         actor_optim: AdamW settings.
-        n_mbs, tokenizer, seed: as PPOModule.
+        n_mbs, tokenizer, seed, prompt_len: as PPOModule.
     """
 
-    homes: ClassVar[dict[str, str]] = {"actor": "actor_train", "ref": "ref_inf", "reward": "rew_inf"}
+    roles: ClassVar[tuple[str, ...]] = ("actor", "ref", "reward")
 
     def __init__(
         self,
@@ -62,6 +66,7 @@ class GRPOModule(RolloutModule):
         n_mbs: int | Mapping[str, int] = 1,
         tokenizer: str | Path | Any | None = None,
         seed: int = 0,
+        prompt_len: int = 128,
     ) -> None:
         super().__init__(
             actor,
@@ -72,6 +77,7 @@ class GRPOModule(RolloutModule):
             n_mbs=n_mbs,
             tokenizer=tokenizer,
             seed=seed,
+            prompt_len=prompt_len,
         )
         cfg = grpo or GRPOConfig()
         self.grpo = cfg if group_size is None else replace(cfg, group_size=group_size)
@@ -82,33 +88,39 @@ class GRPOModule(RolloutModule):
         """Whether the graph has a reference call (a KL weight of 0 drops it)."""
         return self.grpo.kl_coef > 0
 
-    def real_graph(self) -> Any:
-        from lightning_real.dataflow import grpo_graph
-
+    def real_graph(self) -> DataflowGraph:
         return grpo_graph(
             self.batch_size * self.grpo.group_size,
             self.grpo.group_size,
             self.n_mbs,
             minibatches=self.grpo.minibatches,
             use_ref=self.use_ref,
+            prompt_len=self.prompt_len,
             gen_len=self.generation.max_new_tokens,
         )
 
-    def real_setup(self, strategy: Any) -> RealContext:
-        mbs = strategy.microbatches
-        self.build_pool(strategy)
+    def role_training(self, role: str) -> Training | None:
+        if role != "actor":
+            return None
         # 'seq-mean-token-mean' sums per-sequence means: normalise by the number of sequences.
         norm = "action_mask" if self.grpo.loss_agg == "token-mean" else None
-        self.build_engine("actor", self._loss, self.actor_optim, mbs["actor_train"], norm_key=norm)
+        return Training(self._loss, self.actor_optim, norm_key=norm)
+
+    def real_calls(self, ctx: RuntimeContext) -> dict[str, CallFn]:
 
         fns = {
-            "actor_gen": generate_call(self.generation, self.seed_of_step, group_size=self.grpo.group_size),
-            "rew_inf": reward_call(self.reward_rule, mbs["rew_inf"]),
+            "actor_gen": generate_call(
+                ctx.generator("actor_gen"),
+                self.generation,
+                self.seed_of_step,
+                group_size=self.grpo.group_size,
+            ),
+            "rew_inf": reward_call(self.reward_rule, ctx.microbatches("rew_inf")),
             "actor_train": self._train,
         }
         if self.use_ref:
-            fns["ref_inf"] = logprob_call(mbs["ref_inf"])
-        return RealContext(fns, self.pool.move, self.pool.release)
+            fns["ref_inf"] = logprob_call(ctx.microbatches("ref_inf"))
+        return fns
 
     def _loss(self, out: torch.Tensor, mb: Rows) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         from lightning_real.models.vocab_parallel import vocab_parallel_logprobs
@@ -117,7 +129,8 @@ class GRPOModule(RolloutModule):
         ref = mb.get("ref_logp")
         return grpo_loss(logp, mb["old_logp"], ref, mb["advantages"], mb["action_mask"], self.grpo, "sum")
 
-    def _train(self, shard: ModelShard, x: Rows) -> tuple[Rows, dict[str, float]]:
+    def _train(self, shard: ModelShard | None, x: Rows) -> tuple[Rows, dict[str, float]]:
+        assert shard is not None
         g = shard.groups
         full = gather_rows(x, g.dp, g.layout.dp)
         mask = full["loss_mask"][:, 1:]

@@ -1,6 +1,6 @@
 """PPO with an actor, a critic, a reference and a reward (model or rule), each call on its own layout.
 
-One iteration is the graph of :func:`lightning_real.dataflow.ppo_graph`: ``actor_gen`` samples
+One iteration is the graph of :func:`lightning_real.graphs.ppo.ppo_graph`: ``actor_gen`` samples
 responses, ``ref_inf``, ``rew_inf`` and ``critic_inf`` score them, ``actor_train`` and
 ``critic_train`` take PPO steps. Both train calls gather the global batch over their
 data-parallel group and compute the same experience from it (KL-shaped rewards, GAE, whitened
@@ -10,7 +10,7 @@ share of every minibatch.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -24,10 +24,12 @@ from lightning_real.algorithms.ppo import (
     kl_controller,
     ppo_experience,
 )
+from lightning_real.dataflow import DataflowGraph
+from lightning_real.graphs.ppo import ppo_graph
 from lightning_real.models.generate import GenerationConfig
 from lightning_real.models.optim import OptimConfig
 from lightning_real.models.shard import ModelShard
-from lightning_real.module import ModelSource, RealContext
+from lightning_real.models.source import ModelSource
 from lightning_real.modules.calls import (
     Rows,
     gather_rows,
@@ -40,6 +42,8 @@ from lightning_real.modules.calls import (
     value_call,
 )
 from lightning_real.modules.rollout import RewardSource, RolloutModule
+from lightning_real.runtime.build import CallFn, RuntimeContext
+from lightning_real.runtime.roles import Training
 
 
 class PPOModule(RolloutModule):
@@ -61,15 +65,10 @@ class PPOModule(RolloutModule):
             microbatches take precedence).
         tokenizer: tokenizer folder (None: the byte tokenizer the shipped task uses).
         seed: seed of random inits and of sampling.
+        prompt_len: prompt tokens per sequence, as the planner prices the calls.
     """
 
-    homes: ClassVar[dict[str, str]] = {
-        "actor": "actor_train",
-        "critic": "critic_train",
-        "ref": "ref_inf",
-        "reward": "rew_inf",
-    }
-    trained: ClassVar[tuple[str, ...]] = ("actor", "critic")
+    roles: ClassVar[tuple[str, ...]] = ("actor", "critic", "ref", "reward")
 
     def __init__(
         self,
@@ -86,6 +85,7 @@ class PPOModule(RolloutModule):
         n_mbs: int | Mapping[str, int] = 1,
         tokenizer: str | Path | Any | None = None,
         seed: int = 0,
+        prompt_len: int = 128,
     ) -> None:
         super().__init__(
             actor,
@@ -97,6 +97,7 @@ class PPOModule(RolloutModule):
             n_mbs=n_mbs,
             tokenizer=tokenizer,
             seed=seed,
+            prompt_len=prompt_len,
         )
         self.ppo = ppo or PPOConfig()
         self.actor_optim = actor_optim or OptimConfig(lr=1e-5)
@@ -105,33 +106,35 @@ class PPOModule(RolloutModule):
         self.normalizers: dict[str, RunningMeanStd] = {}
 
     # ---- what runs -------------------------------------------------------------------------------
-    def real_graph(self) -> Any:
-        from lightning_real.dataflow import ppo_graph
-
+    def real_graph(self) -> DataflowGraph:
         return ppo_graph(
             self.batch_size,
             self.n_mbs,
             minibatches=self.ppo.minibatches,
+            prompt_len=self.prompt_len,
             gen_len=self.generation.max_new_tokens,
         )
 
-    # ---- set-up on every rank ---------------------------------------------------------------------
-    def real_setup(self, strategy: Any) -> RealContext:
-        mbs = strategy.microbatches
-        self.build_pool(strategy)
-        self.build_engine("actor", self._actor_loss, self.actor_optim, mbs["actor_train"])
-        self.build_engine("critic", self._critic_loss, self.critic_optim, mbs["critic_train"])
+    def role_training(self, role: str) -> Training | None:
+        if role == "actor":
+            return Training(self._actor_loss, self.actor_optim)
+        if role == "critic":
+            return Training(self._critic_loss, self.critic_optim)
+        return None
+
+    # ---- the calls on every rank ------------------------------------------------------------------
+    def real_calls(self, ctx: RuntimeContext) -> dict[str, CallFn]:
         self.controllers = {c: kl_controller(self.ppo) for c in ("actor_train", "critic_train")}
         self.normalizers = {c: RunningMeanStd() for c in ("actor_train", "critic_train")}
         fns = {
-            "actor_gen": generate_call(self.generation, self.seed_of_step),
-            "ref_inf": logprob_call(mbs["ref_inf"]),
-            "rew_inf": reward_call(self.reward_rule, mbs["rew_inf"]),
-            "critic_inf": value_call(mbs["critic_inf"]),
+            "actor_gen": generate_call(ctx.generator("actor_gen"), self.generation, self.seed_of_step),
+            "ref_inf": logprob_call(ctx.microbatches("ref_inf")),
+            "rew_inf": reward_call(self.reward_rule, ctx.microbatches("rew_inf")),
+            "critic_inf": value_call(ctx.microbatches("critic_inf")),
             "actor_train": self._train_call("actor_train", "actor"),
             "critic_train": self._train_call("critic_train", "critic"),
         }
-        return RealContext(fns, self.pool.move, self.pool.release)
+        return fns
 
     # ---- losses (called by the training engine on each microbatch) --------------------------------
     def _actor_loss(self, out: torch.Tensor, mb: Rows) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -144,10 +147,9 @@ class PPOModule(RolloutModule):
         )
 
     # ---- train calls -------------------------------------------------------------------------------
-    def _train_call(
-        self, call: str, role: str
-    ) -> Callable[[ModelShard, Rows], tuple[Rows, dict[str, float]]]:
-        def fn(shard: ModelShard, x: Rows) -> tuple[Rows, dict[str, float]]:
+    def _train_call(self, call: str, role: str) -> CallFn:
+        def fn(shard: ModelShard | None, x: Rows) -> tuple[Rows, dict[str, float]]:
+            assert shard is not None
             g = shard.groups
             full = gather_rows(x, g.dp, g.layout.dp)
             exp, mask = self._experience(call, full)

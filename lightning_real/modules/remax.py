@@ -1,6 +1,6 @@
 """ReMax: REINFORCE with the reward of the greedy response as the baseline; no critic.
 
-The graph is :func:`lightning_real.dataflow.remax_graph`: ``actor_gen`` samples and
+The graph is :func:`lightning_real.graphs.remax.remax_graph`: ``actor_gen`` samples and
 ``actor_gen_greedy`` decodes greedily from the same prompts, ``rew_inf`` and
 ``rew_inf_greedy`` score both, ``ref_inf`` (when the KL weight is not 0) scores the sampled
 responses, and ``actor_train`` takes one on-policy step.
@@ -16,10 +16,12 @@ import torch
 
 from lightning_real.algorithms.ppo import PPOConfig
 from lightning_real.algorithms.remax import remax_advantages
+from lightning_real.dataflow import DataflowGraph
+from lightning_real.graphs.remax import GREEDY_KEYS, remax_graph
 from lightning_real.models.generate import GenerationConfig
 from lightning_real.models.optim import OptimConfig
 from lightning_real.models.shard import ModelShard
-from lightning_real.module import ModelSource, RealContext
+from lightning_real.models.source import ModelSource
 from lightning_real.modules.calls import (
     Rows,
     gather_rows,
@@ -31,8 +33,8 @@ from lightning_real.modules.calls import (
     train_steps,
 )
 from lightning_real.modules.rollout import RewardSource, RolloutModule
-
-GREEDY_KEYS = ("greedy_seq", "greedy_attention_mask", "greedy_loss_mask")
+from lightning_real.runtime.build import CallFn, RuntimeContext
+from lightning_real.runtime.roles import Training
 
 
 class ReMaxModule(RolloutModule):
@@ -45,10 +47,10 @@ class ReMaxModule(RolloutModule):
         ppo: the KL weight and estimator (``kl_coef``, ``kl_estimator``) and the policy-loss
             settings (``clip_eps``, ``entropy_coef``); GAE and critic settings are unused.
         actor_optim: AdamW settings.
-        n_mbs, tokenizer, seed: as PPOModule.
+        n_mbs, tokenizer, seed, prompt_len: as PPOModule.
     """
 
-    homes: ClassVar[dict[str, str]] = {"actor": "actor_train", "ref": "ref_inf", "reward": "rew_inf"}
+    roles: ClassVar[tuple[str, ...]] = ("actor", "ref", "reward")
 
     def __init__(
         self,
@@ -63,6 +65,7 @@ class ReMaxModule(RolloutModule):
         n_mbs: int | Mapping[str, int] = 1,
         tokenizer: str | Path | Any | None = None,
         seed: int = 0,
+        prompt_len: int = 128,
     ) -> None:
         super().__init__(
             actor,
@@ -73,6 +76,7 @@ class ReMaxModule(RolloutModule):
             n_mbs=n_mbs,
             tokenizer=tokenizer,
             seed=seed,
+            prompt_len=prompt_len,
         )
         self.ppo = ppo or PPOConfig()
         self.actor_optim = actor_optim or OptimConfig(lr=1e-5)
@@ -82,37 +86,48 @@ class ReMaxModule(RolloutModule):
         """Whether the graph has a reference call (a KL weight of 0 drops it)."""
         return self.ppo.kl_coef > 0
 
-    def real_graph(self) -> Any:
-        from lightning_real.dataflow import remax_graph
-
+    def real_graph(self) -> DataflowGraph:
         return remax_graph(
-            self.batch_size, self.n_mbs, use_ref=self.use_ref, gen_len=self.generation.max_new_tokens
+            self.batch_size,
+            self.n_mbs,
+            use_ref=self.use_ref,
+            prompt_len=self.prompt_len,
+            gen_len=self.generation.max_new_tokens,
         )
 
-    def real_setup(self, strategy: Any) -> RealContext:
-        mbs = strategy.microbatches
-        self.build_pool(strategy)
-        self.build_engine("actor", self._loss, self.actor_optim, mbs["actor_train"])
+    def role_training(self, role: str) -> Training | None:
+        return Training(self._loss, self.actor_optim) if role == "actor" else None
+
+    def real_calls(self, ctx: RuntimeContext) -> dict[str, CallFn]:
 
         fns = {
-            "actor_gen": generate_call(self.generation, self.seed_of_step),
+            "actor_gen": generate_call(ctx.generator("actor_gen"), self.generation, self.seed_of_step),
             "actor_gen_greedy": generate_call(
-                self.generation, self.seed_of_step, greedy=True, out_prefix="greedy_", keys=GREEDY_KEYS
+                ctx.generator("actor_gen_greedy"),
+                self.generation,
+                self.seed_of_step,
+                greedy=True,
+                out_prefix="greedy_",
+                keys=GREEDY_KEYS,
             ),
-            "rew_inf": reward_call(self.reward_rule, mbs["rew_inf"]),
+            "rew_inf": reward_call(self.reward_rule, ctx.microbatches("rew_inf")),
             "rew_inf_greedy": reward_call(
-                self.reward_rule, mbs["rew_inf_greedy"], in_prefix="greedy_", out_key="greedy_rewards"
+                self.reward_rule,
+                ctx.microbatches("rew_inf_greedy"),
+                in_prefix="greedy_",
+                out_key="greedy_rewards",
             ),
             "actor_train": self._train,
         }
         if self.use_ref:
-            fns["ref_inf"] = logprob_call(mbs["ref_inf"])
-        return RealContext(fns, self.pool.move, self.pool.release)
+            fns["ref_inf"] = logprob_call(ctx.microbatches("ref_inf"))
+        return fns
 
     def _loss(self, out: torch.Tensor, mb: Rows) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return policy_step_loss(out, mb, self.ppo, self.engines["actor"].tp_group)
 
-    def _train(self, shard: ModelShard, x: Rows) -> tuple[Rows, dict[str, float]]:
+    def _train(self, shard: ModelShard | None, x: Rows) -> tuple[Rows, dict[str, float]]:
+        assert shard is not None
         g = shard.groups
         full = gather_rows(x, g.dp, g.layout.dp)
         mask = full["loss_mask"][:, 1:]

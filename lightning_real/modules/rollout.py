@@ -1,14 +1,14 @@
-"""Base of the modules that sample from the actor (PPO, GRPO, ReMax): models, pool and engines.
+"""Base of the modules that sample from the actor (PPO, GRPO, ReMax): their models and defaults.
 
 It owns what the three share: the tokenizer and sampling defaults, the model sources by role
-(a reward may be a rule instead of a model), building each role's home shard on the layout of
-its *home call* with a reallocator for moves to its other calls, one training engine per
-trained role, the prompt source keys and checkpoint state.
+(a reward may be a rule instead of a model), the declaration of each role's model (built by the
+runtime on the layout of its home call, trained roles with an engine), the prompt source keys
+and the per-iteration sampling seed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -16,11 +16,11 @@ from typing import Any, ClassVar
 import torch
 
 from lightning_real.models.generate import GenerationConfig
-from lightning_real.models.optim import OptimConfig
-from lightning_real.models.shard import ModelShard
+from lightning_real.models.source import ModelSource, spec_of
 from lightning_real.models.spec import ModelSpec
-from lightning_real.module import ModelSource, RLHFModule, load_home, spec_of
-from lightning_real.modules.calls import RewardFn, Rows
+from lightning_real.module import RLHFModule
+from lightning_real.modules.calls import RewardFn
+from lightning_real.runtime.roles import RoleDecl, Training
 
 RewardSource = ModelSource | RewardFn
 """A reward model (HF folder or ModelSpec, value head) or a rule ``(seq, attention_mask, loss_mask) -> [B]``."""
@@ -43,7 +43,8 @@ def step_seed(seed: int, iteration: int) -> int:
 
 
 class RolloutModule(RLHFModule):
-    """Shared set-up of the generating algorithms; subclasses declare :attr:`homes` and the calls.
+    """Shared set-up of the generating algorithms; subclasses declare :attr:`roles`, the graph,
+    the calls and each trained role's :meth:`role_training`.
 
     Args:
         actor: HF checkpoint folder or ModelSpec of the policy.
@@ -57,13 +58,12 @@ class RolloutModule(RLHFModule):
         n_mbs: microbatches per data-parallel replica, one count or per call.
         tokenizer: tokenizer folder (None: the byte tokenizer of the shipped task).
         seed: seed of random inits and of sampling.
+        prompt_len: prompt tokens per sequence, as the planner prices the calls (the data
+            module's ``max_prompt_len``).
     """
 
-    homes: ClassVar[dict[str, str]] = {}
-    """Role -> the call whose layout holds the role's persistent copy (the training call for
-    trained models, where their optimizer state lives)."""
-    trained: ClassVar[tuple[str, ...]] = ("actor",)
-    """Roles with an optimizer."""
+    roles: ClassVar[tuple[str, ...]] = ()
+    """Model roles in the order every rank builds them (a role's random init seed follows it)."""
 
     def __init__(
         self,
@@ -77,6 +77,7 @@ class RolloutModule(RLHFModule):
         n_mbs: int | Mapping[str, int] = 1,
         tokenizer: str | Path | Any | None = None,
         seed: int = 0,
+        prompt_len: int = 128,
     ) -> None:
         super().__init__()
         from lightning_real.data.tokenizer import load_tokenizer
@@ -88,25 +89,43 @@ class RolloutModule(RLHFModule):
         self.generation = generation_defaults(generation, self.tokenizer)
         self.n_mbs = n_mbs
         self.seed = seed
+        self.prompt_len = prompt_len
         self.sources: dict[str, ModelSource] = {"actor": actor, "ref": actor if ref is None else ref}
-        if "critic" in self.homes:
+        if "critic" in self.roles:
             self.sources["critic"] = actor if critic is None else critic
         self.critic_from_actor = critic is None
         self.reward_rule: RewardFn | None = None
         if reward is None or (callable(reward) and not isinstance(reward, ModelSpec)):
             from lightning_real.data.task import TaskReward
 
-            self.reward_rule = reward if reward is not None else TaskReward(self.tokenizer)  # type: ignore[assignment]
+            self.reward_rule = reward if reward is not None else TaskReward(self.tokenizer)
         else:
-            self.sources["reward"] = reward  # type: ignore[assignment]
+            self.sources["reward"] = reward
         heads = {"actor": "lm", "ref": "lm", "critic": "value", "reward": "value"}
         self.specs: dict[str, ModelSpec] = {r: spec_of(s, heads[r]) for r, s in self.sources.items()}  # type: ignore[arg-type]
         if "reward" not in self.specs:
             # A rule has no model; the planner prices its call with the actor's size (an upper bound).
             self.specs["reward"] = self.specs["actor"].with_head("value")
-        self.engines: dict[str, Any] = {}
 
-    # ---- protocol -------------------------------------------------------------------------------
+    # ---- declarations -------------------------------------------------------------------------
+    def role_training(self, role: str) -> Training | None:
+        """How ``role`` learns (None: frozen)."""
+        return None
+
+    def real_roles(self) -> tuple[RoleDecl, ...]:
+        out = []
+        for i, role in enumerate(self.roles):
+            if role not in self.sources:
+                continue  # a rule-based reward has no model
+            spec = self.specs[role]
+            value_from_lm = spec.head == "value" and (role != "critic" or self.critic_from_actor)
+            # A role built from the actor's source starts from the actor's weights.
+            seed = self.seed if self.sources[role] is self.sources["actor"] else self.seed + i
+            out.append(
+                RoleDecl(role, self.sources[role], spec, seed, value_from_lm, self.role_training(role))
+            )
+        return tuple(out)
+
     def real_specs(self) -> dict[str, ModelSpec]:
         roles = self.real_graph().roles()
         return {r: s for r, s in self.specs.items() if r in roles}
@@ -120,64 +139,6 @@ class RolloutModule(RLHFModule):
             )
         return {"prompts": batch["prompts"], "prompt_mask": batch["prompt_mask"]}
 
-    # ---- set-up -----------------------------------------------------------------------------------
-    def build_pool(self, strategy: Any) -> None:
-        """Every role's home shard (collective: all ranks, same order) and its reallocator."""
-        from lightning_real.realloc import Reallocator
-        from lightning_real.runtime.pool import ModelPool, PooledModel
-
-        plan, reg = strategy.plan, strategy.registry
-        self.pool = ModelPool()
-        for i, (role, call) in enumerate(self.homes.items()):
-            if role not in self.sources or call not in plan:
-                continue
-            spec = self.specs[role]
-            value_from_lm = spec.head == "value" and (role != "critic" or self.critic_from_actor)
-            # A role built from the actor's source starts from the actor's weights.
-            seed = self.seed if self.sources[role] is self.sources["actor"] else self.seed + i
-            home = load_home(
-                self.sources[role], spec, reg.for_layout(plan[call]), seed, init_value_head=value_from_lm
-            )
-            frozen = role not in self.trained
-            self.pool.add(PooledModel(role, home, Reallocator(spec, reg), keep_copies=frozen))
-
-    def build_engine(
-        self,
-        role: str,
-        loss_fn: Callable[[torch.Tensor, Rows], tuple[torch.Tensor, dict[str, torch.Tensor]]],
-        optim: OptimConfig,
-        n_mbs: int,
-        norm_key: str | None = "action_mask",
-    ) -> Any:
-        """A training engine for ``role``'s home shard."""
-        from lightning_real.models.train import TrainConfig, TrainEngine
-
-        home: ModelShard = self.pool.models[role].home
-        engine = TrainEngine(home, loss_fn, TrainConfig(n_mbs=n_mbs, norm_key=norm_key, optim=optim))
-        self.engines[role] = engine
-        return engine
-
     def seed_of_step(self) -> int:
         """This iteration's sampling seed."""
         return step_seed(self.seed, self.iteration)
-
-    # ---- checkpoints --------------------------------------------------------------------------------
-    def extra_state(self) -> dict[str, Any]:
-        """Algorithm state beyond weights and optimizers (KL controllers, running statistics)."""
-        return {}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`extra_state`."""
-
-    def real_state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"extra": self.extra_state()}
-        for role, engine in self.engines.items():
-            state[role] = self.shard_state_dict(role)
-            state[f"{role}_optim"] = engine.state_dict()
-        return state
-
-    def load_real_state_dict(self, state: dict[str, Any]) -> None:
-        for role, engine in self.engines.items():
-            self.load_shard_state_dict(role, state[role])
-            engine.load_state_dict(state[f"{role}_optim"])
-        self.load_extra_state(state.get("extra", {}))

@@ -11,10 +11,16 @@ from typing import Any
 
 import torch
 
+from lightning_real.dataflow import DataflowGraph
+from lightning_real.graphs.common import PAIR_SOURCES
+from lightning_real.graphs.rw import rw_graph
 from lightning_real.models.optim import OptimConfig
-from lightning_real.models.spec import ModelSpec
-from lightning_real.module import ModelSource, RealContext, RLHFModule, load_home, spec_of
+from lightning_real.models.shard import ModelShard
+from lightning_real.models.source import ModelSource, spec_of
+from lightning_real.module import RLHFModule
 from lightning_real.modules.dpo import pack_pairs
+from lightning_real.runtime.build import CallFn, RuntimeContext
+from lightning_real.runtime.roles import RoleDecl, Training
 
 Batch = dict[str, torch.Tensor]
 
@@ -55,59 +61,41 @@ class RewardModelModule(RLHFModule):
         self.spec = spec_of(model, "value")
         self.real_graph()  # checks batch_size and n_mbs now rather than at setup
 
-    def real_graph(self) -> Any:
-        from lightning_real.dataflow import rw_graph
-
+    def real_graph(self) -> DataflowGraph:
         return rw_graph(self.batch_size, self.n_mbs)
 
-    def real_specs(self) -> dict[str, ModelSpec]:
-        return {"reward": self.spec}
+    def real_roles(self) -> tuple[RoleDecl, ...]:
+        # norm_key None: the summed loss and metrics are divided by the number of pairs (rows).
+        training = Training(self._loss, self.optim, norm_key=None)
+        return (
+            RoleDecl("reward", self.source, self.spec, self.seed, init_value_head=True, training=training),
+        )
 
     def make_source(self, batch: Any) -> dict[str, torch.Tensor]:
-        from lightning_real.dataflow import PAIR_SOURCES
-
         return {k: batch[k] for k in PAIR_SOURCES}
 
-    def real_setup(self, strategy: Any) -> RealContext:
+    def _loss(self, out: torch.Tensor, mb: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         from lightning_real.algorithms.rw import last_token_scores, pairwise_loss
-        from lightning_real.models.train import TrainConfig, TrainEngine
-        from lightning_real.realloc import Reallocator
-        from lightning_real.runtime.pool import ModelPool, PooledModel
 
-        groups = strategy.registry.for_layout(strategy.plan["rew_train"])
-        home = load_home(self.source, self.spec, groups, self.seed, init_value_head=True)
+        values = out.squeeze(-1).float()  # [b, 2S]: the value head on every tp rank
+        s = mb["chosen_attention_mask"].shape[1]
+        chosen = last_token_scores(values[:, :s], mb["chosen_attention_mask"])
+        rejected = last_token_scores(values[:, s:], mb["rejected_attention_mask"])
+        loss, m = pairwise_loss(chosen, rejected, reduction="sum")
+        return loss, {"rw/" + k.split("/", 1)[1]: v for k, v in m.items()}
 
-        def loss_fn(out: torch.Tensor, mb: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            values = out.squeeze(-1).float()  # [b, 2S]: the value head on every tp rank
-            s = mb["chosen_attention_mask"].shape[1]
-            chosen = last_token_scores(values[:, :s], mb["chosen_attention_mask"])
-            rejected = last_token_scores(values[:, s:], mb["rejected_attention_mask"])
-            loss, m = pairwise_loss(chosen, rejected, reduction="sum")
-            return loss, {"rw/" + k.split("/", 1)[1]: v for k, v in m.items()}
+    def real_calls(self, ctx: RuntimeContext) -> dict[str, CallFn]:
+        engine = ctx.engine("reward")
 
-        # norm_key None: the summed loss and metrics are divided by the number of pairs (rows).
-        n_mbs = strategy.microbatches["rew_train"]  # the plan's, else the graph's
-        cfg = TrainConfig(n_mbs=n_mbs, norm_key=None, optim=self.optim)
-        self.engine = TrainEngine(home, loss_fn, cfg)
-        self.pool = ModelPool()
-        self.pool.add(PooledModel("reward", home, Reallocator(self.spec, strategy.registry)))
-
-        def rew_train(shard: Any, x: Batch) -> tuple[Batch, dict[str, float]]:
+        def rew_train(shard: ModelShard | None, x: Batch) -> tuple[Batch, dict[str, float]]:
             batch = {
                 **pack_pairs(x),
                 "chosen_attention_mask": x["chosen_attention_mask"],
                 "rejected_attention_mask": x["rejected_attention_mask"],
             }
-            m = self.engine.step(batch)
+            m = engine.step(batch)
             metrics = {k: v for k, v in m.items() if k.startswith("rw/")}
             metrics.update({"rw/grad_norm": m["grad_norm"], "rw/lr": m["lr"]})
             return {}, metrics
 
-        return RealContext({"rew_train": rew_train}, self.pool.move, self.pool.release)
-
-    def real_state_dict(self) -> dict[str, Any]:
-        return {"reward": self.shard_state_dict("reward"), "reward_optim": self.engine.state_dict()}
-
-    def load_real_state_dict(self, state: dict[str, Any]) -> None:
-        self.load_shard_state_dict("reward", state["reward"])
-        self.engine.load_state_dict(state["reward_optim"])
+        return {"rew_train": rew_train}

@@ -6,8 +6,15 @@ from typing import Any
 
 import torch
 
-from lightning_real.models.spec import ModelSpec
-from lightning_real.module import ModelSource, RealContext, RLHFModule, load_home, spec_of
+from lightning_real.dataflow import DataflowGraph
+from lightning_real.graphs.common import SFT_SOURCES
+from lightning_real.graphs.sft import sft_graph
+from lightning_real.models.optim import OptimConfig
+from lightning_real.models.shard import ModelShard
+from lightning_real.models.source import ModelSource, spec_of
+from lightning_real.module import RLHFModule, Rows
+from lightning_real.runtime.build import CallFn, RuntimeContext
+from lightning_real.runtime.roles import RoleDecl, Training
 
 
 class SFTModule(RLHFModule):
@@ -26,12 +33,10 @@ class SFTModule(RLHFModule):
         actor: ModelSource,
         batch_size: int,
         n_mbs: int = 1,
-        optim: Any = None,
+        optim: OptimConfig | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
-        from lightning_real.models.optim import OptimConfig
-
         self.actor_source = actor
         self.batch_size = batch_size
         self.n_mbs = n_mbs
@@ -39,53 +44,34 @@ class SFTModule(RLHFModule):
         self.seed = seed
         self.spec = spec_of(actor, "lm")
 
-    def real_graph(self) -> Any:
-        from lightning_real.dataflow import sft_graph
-
+    def real_graph(self) -> DataflowGraph:
         return sft_graph(self.batch_size, self.n_mbs)
 
-    def real_specs(self) -> dict[str, ModelSpec]:
-        return {"actor": self.spec}
+    def real_roles(self) -> tuple[RoleDecl, ...]:
+        # norm_key: the loss is a mean over the response tokens of the global batch.
+        training = Training(self._loss, self.optim, norm_key="loss_mask")
+        return (RoleDecl("actor", self.actor_source, self.spec, self.seed, training=training),)
 
-    def make_source(self, batch: Any) -> dict[str, torch.Tensor]:
-        from lightning_real.dataflow import SFT_SOURCES
-
+    def make_source(self, batch: Any) -> Rows:
         return {k: batch[k] for k in SFT_SOURCES}
 
-    def real_setup(self, strategy: Any) -> RealContext:
+    def _loss(self, out: torch.Tensor, mb: Rows) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         from lightning_real.algorithms.sft import sft_loss
-        from lightning_real.models.train import TrainConfig, TrainEngine
         from lightning_real.models.vocab_parallel import vocab_parallel_logprobs
-        from lightning_real.realloc import Reallocator
-        from lightning_real.runtime.pool import ModelPool, PooledModel
 
-        groups = strategy.registry.for_layout(strategy.plan["actor_train"])
-        home = load_home(self.actor_source, self.spec, groups, self.seed)
+        lp = vocab_parallel_logprobs(out[:, :-1], mb["input_ids"][:, 1:], self.engines["actor"].tp_group)
+        return sft_loss(lp, mb["loss_mask"], reduction="sum")
 
-        def loss_fn(out: torch.Tensor, mb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-            lp = vocab_parallel_logprobs(out[:, :-1], mb["input_ids"][:, 1:], self.engine.tp_group)
-            return sft_loss(lp, mb["loss_mask"], reduction="sum")
+    def real_calls(self, ctx: RuntimeContext) -> dict[str, CallFn]:
+        engine = ctx.engine("actor")
 
-        self.engine = TrainEngine(
-            home, loss_fn, TrainConfig(n_mbs=strategy.microbatches["actor_train"], optim=self.optim)
-        )
-        self.pool = ModelPool()
-        self.pool.add(PooledModel("actor", home, Reallocator(self.spec, strategy.registry)))
-
-        def actor_train(shard: Any, x: dict[str, torch.Tensor]) -> tuple[dict, dict[str, float]]:
+        def actor_train(shard: ModelShard | None, x: Rows) -> tuple[Rows, dict[str, float]]:
             batch = {
                 "input_ids": x["input_ids"],
                 "attention_mask": x["attention_mask"],
                 "loss_mask": x["loss_mask"][:, 1:].float(),  # scores token t+1 at position t
             }
-            m = self.engine.step(batch)
+            m = engine.step(batch)
             return {}, {"actor/sft_loss": m["loss"], "actor/grad_norm": m["grad_norm"], "actor/lr": m["lr"]}
 
-        return RealContext({"actor_train": actor_train}, self.pool.move, self.pool.release)
-
-    def real_state_dict(self) -> dict[str, Any]:
-        return {"actor": self.shard_state_dict("actor"), "actor_optim": self.engine.state_dict()}
-
-    def load_real_state_dict(self, state: dict[str, Any]) -> None:
-        self.load_shard_state_dict("actor", state["actor"])
-        self.engine.load_state_dict(state["actor_optim"])
+        return {"actor_train": actor_train}

@@ -1,20 +1,20 @@
 """The planner as the runtime calls it: a searched plan for the world it runs in.
 
-It prices this package's own backend: megatron-core's local (unfused) attention and an AdamW
-replicated on every data-parallel rank (``TrainEngine``), not the distributed optimizer and
-flash attention the large-cluster settings assume.
+It prices the runtime's own graph, models and features (:class:`~lightning_real.planner.workload.Workload`),
+so the plan it finds is a plan for what will run.
 """
 
 from __future__ import annotations
 
-from lightning_real.planner.cost import CostConfig
+from collections.abc import Mapping
+
+from lightning_real.dataflow import DataflowGraph
+from lightning_real.features import RuntimeFeatures
+from lightning_real.models.spec import ModelSpec
 from lightning_real.planner.hardware import CPU_GLOO, H100, Cluster, HardwareProfile
-from lightning_real.planner.plan import Plan
 from lightning_real.planner.search import SearchConfig, search
 from lightning_real.planner.workload import Workload
-
-RUNTIME_COST = CostConfig(distributed_optimizer=False, flash_attention=False)
-"""What the runtime's backend does: unfused attention, replicated AdamW."""
+from lightning_real.plans import Plan
 
 
 def cluster_for_world(world_size: int, gpus_per_node: int = 8, hw: HardwareProfile | None = None) -> Cluster:
@@ -45,9 +45,25 @@ def auto_plan(
     steps: int = 2000,
     seed: int = 0,
 ) -> Plan:
-    """The searched plan (``dict[str, Layout]`` in ``.layouts``, microbatches in ``.microbatches``).
+    """The searched plan (layouts with explicit ranks and every call's microbatches).
 
     Deterministic for a given workload, world and seed, so every rank computes the same plan.
     """
     cluster = cluster_for_world(world_size, gpus_per_node, hw)
-    return search(workload, cluster, SearchConfig(steps=steps, seed=seed, cost=RUNTIME_COST)).plan
+    return search(workload, cluster, SearchConfig(steps=steps, seed=seed)).plan
+
+
+def search_plan(
+    graph: DataflowGraph,
+    specs: Mapping[str, ModelSpec],
+    features: RuntimeFeatures,
+    world_size: int,
+    gpus_per_node: int = 8,
+    steps: int = 2000,
+    seed: int = 0,
+) -> Plan:
+    """The searched plan for the runtime's ``graph``, models and ``features`` (``plan="search"``)."""
+    found = auto_plan(
+        Workload(graph, dict(specs), features), world_size, gpus_per_node, steps=steps, seed=seed
+    )
+    return found.with_name("search")

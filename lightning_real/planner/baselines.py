@@ -17,12 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from lightning_real.planner.cost import DEFAULT_COST, CostConfig
+from lightning_real.dataflow import MFC
 from lightning_real.planner.hardware import Cluster
-from lightning_real.planner.plan import Plan
 from lightning_real.planner.simulate import SimResult, simulate
 from lightning_real.planner.space import Mesh, Option, options, strategies
-from lightning_real.planner.workload import CallSpec, Workload
+from lightning_real.planner.workload import Workload
+from lightning_real.plans import Plan
 
 BASELINES: tuple[str, ...] = ("symmetric", "disjoint", "heuristic")
 
@@ -55,7 +55,6 @@ def fit_plan(
     cluster: Cluster,
     candidates: dict[str, tuple[Mesh, tuple[Option, ...]]],
     name: str,
-    cfg: CostConfig = DEFAULT_COST,
     max_rounds: int = 32,
 ) -> tuple[Plan | None, SimResult | str]:
     """Fastest option per call; while the plan does not fit, change the one call's option that
@@ -68,7 +67,7 @@ def fit_plan(
 
     def run(ix: dict[str, int]) -> tuple[Plan, SimResult]:
         plan = _plan({c: (mesh, opts[ix[c]]) for c, (mesh, opts) in candidates.items()}, name)
-        return plan, simulate(workload, plan, cluster, cfg)
+        return plan, simulate(workload, plan, cluster)
 
     plan, res = run(idx)
     for _ in range(max_rounds):
@@ -92,23 +91,25 @@ def fit_plan(
     return None, res.reason or "does not fit"
 
 
+def _options(w: Workload, call: MFC, size: int, cluster: Cluster) -> tuple[Option, ...]:
+    return options(call, w.spec(call), size, cluster, w.features)
+
+
 def _on(
-    call: CallSpec, mesh: Mesh, cluster: Cluster, cfg: CostConfig, pipelined: bool = False
+    w: Workload, call: MFC, mesh: Mesh, cluster: Cluster, pipelined: bool = False
 ) -> tuple[Mesh, tuple[Option, ...]]:
-    opts = options(call, mesh.size, cluster, cfg)
+    opts = _options(w, call, mesh.size, cluster)
     if pipelined and any(o.pp > 1 for o in opts):
         opts = tuple(o for o in opts if o.pp > 1)
     return mesh, opts
 
 
-def symmetric(
-    workload: Workload, cluster: Cluster, cfg: CostConfig = DEFAULT_COST
-) -> tuple[Plan | None, SimResult | str]:
+def symmetric(workload: Workload, cluster: Cluster) -> tuple[Plan | None, SimResult | str]:
     """Every call on all devices, one (dp, tp, pp) for all; the fastest that fits."""
     everything = Mesh(0, cluster.n_devices)
     common: set[tuple[int, int, int]] | None = None
     for c in workload.calls:
-        s = set(strategies(c, everything.size, cluster.gpus_per_node))
+        s = set(strategies(c, workload.spec(c), everything.size, cluster.gpus_per_node))
         common = s if common is None else common & s
     best: tuple[Plan | None, SimResult | str] | None = None
     tried: list[str] = []
@@ -116,10 +117,12 @@ def symmetric(
         cand = {}
         for c in workload.calls:
             opts = tuple(
-                o for o in options(c, everything.size, cluster, cfg) if (o.dp, o.tp, o.pp) == (dp, tp, pp)
+                o
+                for o in _options(workload, c, everything.size, cluster)
+                if (o.dp, o.tp, o.pp) == (dp, tp, pp)
             )
             cand[c.name] = (everything, opts)
-        plan, res = fit_plan(workload, cluster, cand, "symmetric", cfg)
+        plan, res = fit_plan(workload, cluster, cand, "symmetric")
         if plan is not None and isinstance(res, SimResult):
             if best is None or (isinstance(best[1], SimResult) and res.time < best[1].time):
                 best = (plan, res)
@@ -133,48 +136,43 @@ def symmetric(
     return None, f"none of {len(tried)} symmetric layouts fits; {tried[-1] if tried else ''}"
 
 
-def lean(
-    workload: Workload, cluster: Cluster, cfg: CostConfig = DEFAULT_COST
-) -> tuple[Plan | None, SimResult | str]:
+def lean(workload: Workload, cluster: Cluster) -> tuple[Plan | None, SimResult | str]:
     """Every call on all devices with its least-memory options first: a start when no baseline fits."""
     everything = Mesh(0, cluster.n_devices)
     cand = {}
     for c in workload.calls:
-        opts = options(c, everything.size, cluster, cfg)
+        opts = _options(workload, c, everything.size, cluster)
         cand[c.name] = (everything, tuple(sorted(opts, key=lambda o: (o.cost.memory.total, o.cost.time))))
-    return fit_plan(workload, cluster, cand, "lean", cfg)
+    return fit_plan(workload, cluster, cand, "lean")
 
 
-def disjoint(
-    workload: Workload, cluster: Cluster, cfg: CostConfig = DEFAULT_COST
-) -> tuple[Plan | None, SimResult | str]:
+def disjoint(workload: Workload, cluster: Cluster) -> tuple[Plan | None, SimResult | str]:
     """Actor and reference on the first half, critic and reward on the second."""
     h = halves(cluster)
     if h is None:
         return None, "the cluster cannot be split in two"
     cand = {
-        c.name: _on(c, h[1] if c.role in ("critic", "reward") else h[0], cluster, cfg) for c in workload.calls
+        c.name: _on(workload, c, h[1] if c.role in ("critic", "reward") else h[0], cluster)
+        for c in workload.calls
     }
-    return fit_plan(workload, cluster, cand, "disjoint", cfg)
+    return fit_plan(workload, cluster, cand, "disjoint")
 
 
-def heuristic(
-    workload: Workload, cluster: Cluster, cfg: CostConfig = DEFAULT_COST
-) -> tuple[Plan | None, SimResult | str]:
+def heuristic(workload: Workload, cluster: Cluster) -> tuple[Plan | None, SimResult | str]:
     """ReaL's hand plan: generation and reference on all devices, the two trainings side by side."""
     everything = Mesh(0, cluster.n_devices)
     h = halves(cluster) or (everything, everything)
     cand = {}
     for c in workload.calls:
         if c.call_type == "generate":
-            cand[c.name] = _on(c, everything, cluster, cfg, pipelined=True)
+            cand[c.name] = _on(workload, c, everything, cluster, pipelined=True)
         elif c.role == "ref":
-            cand[c.name] = _on(c, everything, cluster, cfg)
+            cand[c.name] = _on(workload, c, everything, cluster)
         elif c.role == "critic":
-            cand[c.name] = _on(c, h[1], cluster, cfg)
+            cand[c.name] = _on(workload, c, h[1], cluster)
         else:
-            cand[c.name] = _on(c, h[0], cluster, cfg)
-    return fit_plan(workload, cluster, cand, "heuristic", cfg)
+            cand[c.name] = _on(workload, c, h[0], cluster)
+    return fit_plan(workload, cluster, cand, "heuristic")
 
 
 BASELINE_FNS: dict[str, Callable[..., tuple[Plan | None, SimResult | str]]] = {
@@ -184,10 +182,8 @@ BASELINE_FNS: dict[str, Callable[..., tuple[Plan | None, SimResult | str]]] = {
 }
 
 
-def baseline(
-    name: str, workload: Workload, cluster: Cluster, cfg: CostConfig = DEFAULT_COST
-) -> tuple[Plan | None, SimResult | str]:
+def baseline(name: str, workload: Workload, cluster: Cluster) -> tuple[Plan | None, SimResult | str]:
     """The named baseline plan and its simulation, or None and why it does not fit."""
     if name not in BASELINE_FNS:
         raise ValueError(f"unknown baseline {name!r}; allowed: {', '.join(BASELINES)}")
-    return BASELINE_FNS[name](workload, cluster, cfg)
+    return BASELINE_FNS[name](workload, cluster)

@@ -35,11 +35,12 @@ import torch
 import torch.distributed as dist
 
 from lightning_real.compat import device
+from lightning_real.dataflow import MFC
+from lightning_real.features import REFERENCE
 from lightning_real.models.shard import ModelShard
 from lightning_real.models.spec import tiny_spec
-from lightning_real.planner.cost import CostConfig, call_cost
+from lightning_real.planner.cost import call_cost
 from lightning_real.planner.hardware import Cluster, HardwareProfile
-from lightning_real.planner.workload import CallSpec
 
 MM_SHAPE = (2048, 256, 1024)
 CALIBRATION_SPEC = tiny_spec("llama", num_layers=3, hidden_size=192, ffn_hidden_size=512, vocab_size=2048)
@@ -47,8 +48,8 @@ CALIBRATION_SPEC = tiny_spec("llama", num_layers=3, hidden_size=192, ffn_hidden_
 CALIBRATION_BATCH = (8, 256)
 DECODE_BATCH, DECODE_STEPS = (8, 32), 16
 """Generation probe: 8 prompts of 32 tokens, then 16 decode steps."""
-_BACKEND_COST = CostConfig(distributed_optimizer=False, flash_attention=False)
-"""The backend runs megatron-core's local (unfused) attention and a replicated optimizer."""
+_BACKEND = REFERENCE
+"""The features the calibration probes are built with (fp32, local attention, replicated Adam)."""
 ELEMENTWISE_SHAPE = (4096, 1024)
 COPY_BYTES = 32 * 2**20
 SMALL_BYTES = 4 * 2**10
@@ -265,7 +266,8 @@ def calibrate(
         intra_latency=raw["latency"],
         inter_bw=raw["link_bw"],
         inter_latency=raw["latency"],
-        dtype_bytes=2 if gpu else 4,
+        # The matmul probe runs in fp32, so its rate serves fp32 runs as measured.
+        fp32_flops_ratio=1.0,
         layer_overhead=raw["layer_overhead"],
         backward_factor=raw["backward_factor"],
         # GPU elementwise kernels are bandwidth-bound: the copy bandwidth prices them.
@@ -288,10 +290,9 @@ def backend_step_overhead(hw: HardwareProfile, t_step: float) -> float:
     b, n = DECODE_BATCH
 
     def predicted(new: int) -> float:
-        call = CallSpec(
-            "calibration", "actor", "generate", CALIBRATION_SPEC, batch_size=b, prompt_len=n, gen_len=new
-        )
-        return call_cost(call, 1, 1, 1, 1, Cluster(1, 1, replace(hw, step_overhead=0.0)), _BACKEND_COST).time
+        call = MFC("calibration", "actor", "generate", (), (), batch_size=b, prompt_len=n, gen_len=new)
+        cluster = Cluster(1, 1, replace(hw, step_overhead=0.0))
+        return call_cost(call, CALIBRATION_SPEC, 1, 1, 1, 1, cluster, _BACKEND).time
 
     per_step = (predicted(1 + DECODE_STEPS) - predicted(1)) / DECODE_STEPS
     return max(0.0, t_step - per_step)
@@ -307,12 +308,11 @@ def backend_elementwise_bw(hw: HardwareProfile, t_forward: float) -> float | Non
     None when the matmuls alone already take the measured time.
     """
     b, seq = CALIBRATION_BATCH
-    call = CallSpec(
-        "calibration", "actor", "inference", CALIBRATION_SPEC, batch_size=b, prompt_len=seq, gen_len=0
-    )
+    call = MFC("calibration", "actor", "inference", (), (), batch_size=b, prompt_len=seq, gen_len=0)
 
     def predicted(e: float) -> float:
-        return call_cost(call, 1, 1, 1, 1, Cluster(1, 1, replace(hw, elementwise_bw=e)), _BACKEND_COST).time
+        cluster = Cluster(1, 1, replace(hw, elementwise_bw=e))
+        return call_cost(call, CALIBRATION_SPEC, 1, 1, 1, 1, cluster, _BACKEND).time
 
     fixed = predicted(1e30)
     counted = predicted(1.0) - fixed

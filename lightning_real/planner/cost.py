@@ -22,35 +22,21 @@ from functools import lru_cache
 
 import numpy as np
 
+from lightning_real.dataflow import MFC
+from lightning_real.features import RuntimeFeatures
 from lightning_real.layout import Layout
 from lightning_real.models.build import stage_layers
+from lightning_real.models.spec import ModelSpec
 from lightning_real.planner.flops import attention_positions, head_width, layer_matmul_weights
 from lightning_real.planner.hardware import Cluster, HardwareProfile
 from lightning_real.planner.memory import (
-    GRAD_BYTES,
     LOGIT_BYTES,
     MemoryBreakdown,
     act_elems_per_token_layer,
     call_memory,
     stage_params,
 )
-from lightning_real.planner.workload import CallSpec
 
-
-@dataclass(frozen=True)
-class CostConfig:
-    """Framework choices the cost and memory model take as given."""
-
-    distributed_optimizer: bool = True
-    """Adam states are split over the data-parallel group (ZeRO-1): gradients are reduce-scattered
-    and updated parameters all-gathered instead of all-reduced."""
-    flash_attention: bool = True
-    """Attention never materializes its score matrix (flash-style kernels, as on GPUs). False
-    prices the score passes and memory of unfused attention (megatron-core's local attention,
-    which the CPU backend runs)."""
-
-
-DEFAULT_COST = CostConfig()
 SCORE_PASSES = 4
 """Nominal passes over the attention scores of unfused attention (write, mask, softmax, read)."""
 LOGIT_PASSES = 6
@@ -124,10 +110,12 @@ class _Rates:
     tp: Link
     dp: Link
     pp: Link
+    dt: int
+    """Bytes of one working element (the run's precision)."""
 
 
 def _stage_pass(
-    call: CallSpec,
+    spec: ModelSpec,
     r: _Rates,
     tp: int,
     layers: int,
@@ -140,8 +128,7 @@ def _stage_pass(
 ) -> tuple[np.ndarray | float, float]:
     """(compute seconds, tensor-parallel communication seconds) of one forward of one microbatch
     through one stage. ``ctx`` may be an array of cached lengths (decode steps)."""
-    spec, hw = call.spec, r.hw
-    dt = hw.dtype_bytes
+    dt = r.dt
     h = spec.hidden_size
     w = layer_matmul_weights(spec) / tp
     kv = 2 * spec.num_kv_heads * spec.head_dim / tp
@@ -154,7 +141,7 @@ def _stage_pass(
     if not flash:
         # Unfused attention writes the fp32 scores, masks them, softmaxes them and reads them back.
         elementwise = elementwise + SCORE_PASSES * LOGIT_BYTES * mb * spec.num_heads / tp * keys
-    layer_t = np.maximum(flops / r.flops, streamed / r.mem_bw) + elementwise / r.ew_bw + hw.layer_overhead
+    layer_t = np.maximum(flops / r.flops, streamed / r.mem_bw) + elementwise / r.ew_bw + r.hw.layer_overhead
     comp = layers * layer_t
     comm = layers * 2 * r.tp.allreduce(mb * seq * h * dt, tp)
     if last and head_tokens:
@@ -175,42 +162,58 @@ def _pipeline(stage_times: list[float], m: int) -> float:
 
 
 def call_cost(
-    call: CallSpec, dp: int, tp: int, pp: int, m: int, cluster: Cluster, cfg: CostConfig = DEFAULT_COST
+    call: MFC,
+    spec: ModelSpec,
+    dp: int,
+    tp: int,
+    pp: int,
+    m: int,
+    cluster: Cluster,
+    features: RuntimeFeatures,
 ) -> CallCost:
-    """Time and memory of ``call`` as ``d{dp}t{tp}p{pp}`` with ``m`` microbatches per replica."""
-    return _call_cost(call, dp, tp, pp, m, cluster, cfg)
+    """Time and memory of ``call`` running ``spec`` as ``d{dp}t{tp}p{pp}`` with ``m`` microbatches
+    per replica, under the runtime ``features``."""
+    return _call_cost(call, spec, dp, tp, pp, m, cluster, features)
 
 
 @lru_cache(maxsize=262144)
 def _call_cost(
-    call: CallSpec, dp: int, tp: int, pp: int, m: int, cluster: Cluster, cfg: CostConfig
+    call: MFC, spec: ModelSpec, dp: int, tp: int, pp: int, m: int, cluster: Cluster, features: RuntimeFeatures
 ) -> CallCost:
     hw = cluster.hw
     n = dp * tp * pp
     active = min(n, cluster.gpus_per_node)
-    time, parts, busy = _timing(call, dp, tp, pp, m, cluster, cfg, active)
+    time, parts, busy = _timing(call, spec, dp, tp, pp, m, cluster, features, active)
     if pp > 1 and (hw.node_flops is not None or hw.node_mem_bw is not None):
         # Devices sharing a node's compute (CPU processes) run faster while pipeline bubbles
         # idle the others: price again with the average number of busy devices.
-        time, parts, _ = _timing(call, dp, tp, pp, m, cluster, cfg, max(1.0, active * busy))
-    mem = call_memory(call, dp, tp, pp, m, hw.dtype_bytes, cfg.distributed_optimizer, cfg.flash_attention)
+        time, parts, _ = _timing(call, spec, dp, tp, pp, m, cluster, features, max(1.0, active * busy))
+    mem = call_memory(call, spec, dp, tp, pp, m, features)
     return CallCost(float(time), mem, parts)
 
 
 def _timing(
-    call: CallSpec, dp: int, tp: int, pp: int, m: int, cluster: Cluster, cfg: CostConfig, active: float
+    call: MFC,
+    spec: ModelSpec,
+    dp: int,
+    tp: int,
+    pp: int,
+    m: int,
+    cluster: Cluster,
+    features: RuntimeFeatures,
+    active: float,
 ) -> tuple[float, dict[str, float], float]:
     """(seconds, their breakdown, average fraction of the devices busy) with ``active`` devices
     of a node competing for shared compute."""
     hw = cluster.hw
     tpl, dpl, ppl = group_links(cluster, dp, tp, pp)
-    r = _Rates(
-        hw.flops_when(active), hw.mem_bw_when(active), hw.elementwise_bw_when(active), hw, tpl, dpl, ppl
-    )
-    spec = call.spec
+    dt = features.param_bytes
+    flops = hw.flops_when(active) * (hw.fp32_flops_ratio if features.precision == "32-true" else 1.0)
+    r = _Rates(flops, hw.mem_bw_when(active), hw.elementwise_bw_when(active), hw, tpl, dpl, ppl, dt)
+    flash = features.flash_attention
     counts = stage_layers(spec.num_layers, pp)
     rep_batch = -(-call.batch_size // dp)
-    h, dt = spec.hidden_size, hw.dtype_bytes
+    h = spec.hidden_size
     parts: dict[str, float] = {}
 
     if call.call_type == "generate":
@@ -224,10 +227,10 @@ def _timing(
         comm_dec = 0.0
         for s, layers in enumerate(counts):
             last = s == pp - 1
-            c, t = _stage_pass(call, r, tp, layers, last, mb, call.prompt_len, 0, 1, cfg.flash_attention)
+            c, t = _stage_pass(spec, r, tp, layers, last, mb, call.prompt_len, 0, 1, flash)
             pre_stages.append(float(c) + t + (0.0 if last else p2p_pre))
             comp_pre, comm_pre = max(comp_pre, float(c)), max(comm_pre, t)
-            c, t = _stage_pass(call, r, tp, layers, last, mb, 1, ctx, 1, cfg.flash_attention)
+            c, t = _stage_pass(spec, r, tp, layers, last, mb, 1, ctx, 1, flash)
             dec_stages.append(np.asarray(c) + t)
             comp_dec, comm_dec = np.maximum(comp_dec, c), max(comm_dec, t)
         prefill = _pipeline(pre_stages, m)
@@ -242,7 +245,7 @@ def _timing(
         parts["tp_comm"] = m * comm_pre + m * comm_dec * ctx.size
     else:
         train = call.call_type == "train"
-        passes = call.train_passes if train else 1
+        passes = call.minibatches if train else 1
         step_batch = -(-rep_batch // passes)
         mb = -(-step_batch // m)
         seq = call.seq_len
@@ -251,7 +254,7 @@ def _timing(
         comp_max = comm_max = 0.0
         for s, layers in enumerate(counts):
             last = s == pp - 1
-            c, t = _stage_pass(call, r, tp, layers, last, mb, seq, 0, seq, cfg.flash_attention)
+            c, t = _stage_pass(spec, r, tp, layers, last, mb, seq, 0, seq, flash)
             c = float(c)
             if train:
                 # backward: input and weight gradients, the same all-reduces again
@@ -267,15 +270,17 @@ def _timing(
         step = pipe
         if train:
             local = max(stage_params(spec, tp, pp))
-            if cfg.distributed_optimizer:
-                dp_comm = dpl.allgather(local * GRAD_BYTES, dp) + dpl.allgather(local * dt, dp)
+            gb = features.grad_bytes
+            if features.distributed_optimizer(dp):
+                dp_comm = dpl.allgather(local * gb, dp) + dpl.allgather(local * dt, dp)
                 opt_params = local / dp
             else:
-                dp_comm = dpl.allreduce(local * GRAD_BYTES, dp)
+                dp_comm = dpl.allreduce(local * gb, dp)
                 opt_params = local
-            # Adam reads the fp32 gradient, reads and writes two fp32 moments and the weights
-            # (an fp32 master copy for 16-bit runs, which then also writes the 16-bit weights).
-            adam_bytes = GRAD_BYTES + 16 + 8 + (dt if dt < 4 else 0)
+            # Adam reads the gradient, reads and writes both moments and the weights it updates
+            # (the fp32 master copy in bf16-mixed, which then also writes the bf16 weights).
+            master = features.master_bytes
+            adam_bytes = gb + 2 * features.moment_bytes + 2 * (master or dt) + (dt if master else 0)
             opt = opt_params * adam_bytes / r.mem_bw
             parts["dp_comm"] = passes * dp_comm
             parts["optimizer"] = passes * opt

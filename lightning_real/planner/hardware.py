@@ -54,8 +54,10 @@ class HardwareProfile:
     """Bus bandwidth a device achieves to devices in other nodes, per direction, bytes/s."""
     inter_latency: float
     """Latency of one collective step or send between nodes, seconds."""
-    dtype_bytes: int = 2
-    """Bytes per parameter and activation element of runs on this hardware (bf16: 2; fp32: 4)."""
+    fp32_flops_ratio: float = 1.0
+    """Matmul throughput of fp32 runs ('32-true') over ``peak_flops``: TF32 tensor cores run at half
+    the bf16 rate on H100/H200/A100 (data sheets); 1 for profiles measured in fp32 (CPU). Element
+    sizes come from the run's precision (:class:`~lightning_real.features.RuntimeFeatures`)."""
     layer_overhead: float = 20e-6
     """Fixed time per transformer layer per forward pass of one microbatch (kernel launches,
     framework overhead), seconds; backward counts it twice."""
@@ -83,7 +85,7 @@ class HardwareProfile:
         for f in ("peak_flops", "mem_bytes", "peak_mem_bw", "intra_bw", "inter_bw"):
             if not getattr(self, f) > 0:
                 raise ValueError(f"HardwareProfile.{f} must be positive, got {getattr(self, f)!r}")
-        for f in ("flops_efficiency", "mem_bw_efficiency", "usable_mem_fraction"):
+        for f in ("flops_efficiency", "mem_bw_efficiency", "usable_mem_fraction", "fp32_flops_ratio"):
             if not 0 < getattr(self, f) <= 1:
                 raise ValueError(f"HardwareProfile.{f} must be in (0, 1], got {getattr(self, f)!r}")
 
@@ -129,7 +131,7 @@ _COMMON = dict(
     mem_bw_efficiency=0.8,
     intra_latency=10e-6,
     inter_latency=20e-6,
-    dtype_bytes=2,
+    fp32_flops_ratio=0.5,
     layer_overhead=20e-6,
 )
 
@@ -177,7 +179,6 @@ CPU_GLOO = HardwareProfile(
     intra_latency=1.7e-3,
     inter_bw=0.85e9,
     inter_latency=1.7e-3,
-    dtype_bytes=4,
     layer_overhead=7e-4,
     elementwise_bw=7e9,
     backward_factor=1.9,
@@ -224,9 +225,9 @@ class Cluster:
         """Node index of a device."""
         return device // self.gpus_per_node
 
-    def with_hw(self, **changes: object) -> Cluster:
+    def with_hw(self, **changes: float) -> Cluster:
         """The same cluster with some hardware numbers changed (sensitivity studies)."""
-        return replace(self, hw=replace(self.hw, **changes))
+        return replace(self, hw=replace(self.hw, **changes))  # type: ignore[arg-type]
 
 
 def profile_to_dict(hw: HardwareProfile) -> dict[str, object]:
@@ -243,6 +244,8 @@ def save_profile(hw: HardwareProfile, path: str | Path) -> None:
 def load_profile(path: str | Path) -> HardwareProfile:
     """Read a profile written by :func:`save_profile`."""
     data = json.loads(Path(path).read_text())
+    # Profiles saved before element sizes followed the run's precision carried one of their own.
+    data.pop("dtype_bytes", None)
     unknown = set(data) - set(HardwareProfile.__dataclass_fields__)
     if unknown:
         raise ValueError(f"profile {path}: unknown fields {sorted(unknown)}")

@@ -2,12 +2,13 @@
 activations, KV cache and logits, with the reason when it does not fit.
 
 Parameter counts per pipeline stage come from the exact sharding description the runtime uses
-(:func:`lightning_real.models.sharding.stage_param_specs`). Assumptions (see docs/planner.md):
-mixed precision keeps fp32 main gradients and, for 16-bit runs, an fp32 master copy; Adam keeps
-two fp32 moments; with the distributed optimizer these optimizer states are split over the
-data-parallel group; attention is flash-style (no score matrices are stored) unless told
-otherwise; training uses
-1F1B, so pipeline stage ``i`` holds ``min(m, pp - i)`` microbatches of activations.
+(:func:`lightning_real.models.sharding.stage_param_specs`). Element sizes follow the run's
+:class:`~lightning_real.features.RuntimeFeatures` (see docs/planner.md): '32-true' keeps fp32
+parameters, gradients and Adam moments; 'bf16-mixed' bf16 parameters with fp32 main gradients,
+an fp32 master copy and fp32 moments; 'bf16-true' everything in bf16. With the distributed
+optimizer the optimizer states are split over the data-parallel group; SDPA attention stores
+no score matrices, megatron-core's local attention does; training uses 1F1B, so pipeline stage
+``i`` holds ``min(m, pp - i)`` microbatches of activations.
 """
 
 from __future__ import annotations
@@ -15,14 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
+from lightning_real.dataflow import MFC
+from lightning_real.features import RuntimeFeatures
 from lightning_real.models.build import stage_layers
 from lightning_real.models.sharding import stage_param_specs
 from lightning_real.models.spec import ModelSpec
 from lightning_real.planner.flops import head_width
-from lightning_real.planner.workload import CallSpec
 
-GRAD_BYTES = 4  # fp32 main gradients
-ADAM_MOMENT_BYTES = 8  # two fp32 moments
 LOGIT_BYTES = 4  # logits are upcast to fp32 for the softmax
 
 
@@ -104,29 +104,24 @@ def act_elems_per_token_layer(spec: ModelSpec, tp: int) -> float:
 
 
 def call_memory(
-    call: CallSpec,
-    dp: int,
-    tp: int,
-    pp: int,
-    m: int,
-    dtype_bytes: int,
-    distributed_optimizer: bool = True,
-    flash_attention: bool = True,
+    call: MFC, spec: ModelSpec, dp: int, tp: int, pp: int, m: int, features: RuntimeFeatures
 ) -> MemoryBreakdown:
-    """Peak bytes on the fullest device when ``call`` runs as ``d{dp}t{tp}p{pp}`` with ``m`` microbatches.
+    """Peak bytes on the fullest device when ``call`` runs ``spec`` as ``d{dp}t{tp}p{pp}`` with
+    ``m`` microbatches under ``features``.
 
     The batch per replica is ``ceil(batch / dp)`` sequences (per optimizer step when training),
-    a microbatch ``ceil(that / m)``. ``distributed_optimizer`` splits Adam states and master
-    weights over the data-parallel group (ZeRO-1); without ``flash_attention`` each layer also
-    keeps its fp32 attention probabilities (``heads / tp`` score matrices per sequence).
+    a microbatch ``ceil(that / m)``. The distributed optimizer splits Adam states and master
+    weights over the data-parallel group (ZeRO-1); without SDPA attention each layer also keeps
+    its fp32 attention probabilities (``heads / tp`` score matrices per sequence).
     """
-    spec = call.spec
+    dtype_bytes = features.param_bytes
+    flash_attention = features.flash_attention
     per_stage = stage_params(spec, tp, pp)
     counts = stage_layers(spec.num_layers, pp)
     rep_batch = -(-call.batch_size // dp)
     train = call.call_type == "train"
-    # A train call takes train_passes optimizer steps, each over its share of the batch.
-    step_batch = -(-rep_batch // call.train_passes) if train else rep_batch
+    # A train call takes `minibatches` optimizer steps, each over its share of the batch.
+    step_batch = -(-rep_batch // call.minibatches) if train else rep_batch
     mb = -(-step_batch // m)
     act_layer = act_elems_per_token_layer(spec, tp) * dtype_bytes
     kv_width = 2 * spec.num_kv_heads * spec.head_dim / tp * dtype_bytes
@@ -142,10 +137,9 @@ def call_memory(
         grads = optim = act = kv = logits = 0.0
         last = stage == pp - 1
         if train:
-            grads = per_stage[stage] * GRAD_BYTES
-            master = 4 if dtype_bytes < 4 else 0
-            optim = per_stage[stage] * (ADAM_MOMENT_BYTES + master)
-            if distributed_optimizer:
+            grads = per_stage[stage] * features.grad_bytes
+            optim = per_stage[stage] * (features.moment_bytes + features.master_bytes)
+            if features.distributed_optimizer(dp):
                 optim /= dp
             in_flight = min(m, pp - stage)
             act = in_flight * mb * counts[stage] * (call.seq_len * act_layer + scores(call.seq_len))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from lightning_real.layout import format_ranks
 from lightning_real.planner.memory import fmt_bytes
-from lightning_real.planner.plan import Plan
 from lightning_real.planner.search import SearchResult
 from lightning_real.planner.simulate import SimResult
+from lightning_real.plans import Plan
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:

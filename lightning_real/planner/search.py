@@ -24,15 +24,14 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from lightning_real.planner.baselines import BASELINES, baseline
-from lightning_real.planner.cost import CostConfig
 from lightning_real.planner.hardware import Cluster
-from lightning_real.planner.plan import Plan
 from lightning_real.planner.simulate import SimResult, simulate
 from lightning_real.planner.space import Mesh, Option, meshes, options
 from lightning_real.planner.workload import Workload
+from lightning_real.plans import Plan
 
 
 @dataclass(frozen=True)
@@ -50,8 +49,6 @@ class SearchConfig:
     """Final temperature (same unit)."""
     polish: bool = True
     """Finish with a coordinate descent (each call's option, then its mesh) from the best plan."""
-    cost: CostConfig = field(default_factory=CostConfig)
-    """Framework assumptions of the cost and memory model."""
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -97,14 +94,15 @@ State = dict[str, tuple[Mesh, Option]]
 class _Space:
     """Meshes and options per call, computed on first use (the cost model is the slow part)."""
 
-    def __init__(self, workload: Workload, cluster: Cluster, cfg: CostConfig) -> None:
-        self.workload, self.cluster, self.cfg = workload, cluster, cfg
+    def __init__(self, workload: Workload, cluster: Cluster) -> None:
+        self.workload, self.cluster = workload, cluster
         self.all_meshes = meshes(cluster)
         self.sizes = sorted({m.size for m in self.all_meshes})
         self.by_size = {s: [m for m in self.all_meshes if m.size == s] for s in self.sizes}
         # Sizes on which each call fits at all.
         self.fit_sizes = {
-            c.name: [s for s in self.sizes if options(c, s, cluster, cfg)] for c in workload.calls
+            c.name: [s for s in self.sizes if options(c, workload.spec(c), s, cluster, workload.features)]
+            for c in workload.calls
         }
         for c in workload.calls:
             if not self.fit_sizes[c.name]:
@@ -113,7 +111,8 @@ class _Space:
                 )
 
     def opts(self, call: str, size: int) -> tuple[Option, ...]:
-        return options(self.workload.call(call), size, self.cluster, self.cfg)
+        w = self.workload
+        return options(w.call(call), w.spec(call), size, self.cluster, w.features)
 
     def random_mesh(self, call: str, rng: random.Random) -> Mesh:
         size = rng.choice(self.fit_sizes[call])
@@ -180,7 +179,7 @@ def _propose(
 
 
 def _polish(
-    space: _Space, state: State, t: float, workload: Workload, cluster: Cluster, cost: CostConfig
+    space: _Space, state: State, t: float, workload: Workload, cluster: Cluster
 ) -> tuple[State, float]:
     """Coordinate descent from ``state``, one call at a time: every option on its mesh, and on
     every other mesh its strategy (where valid) and that mesh's fastest option; until no single
@@ -201,7 +200,7 @@ def _polish(
                 if move == state[call]:
                     continue
                 prop = {**state, call: move}
-                res = simulate(workload, _to_plan(prop, "search"), cluster, cost)
+                res = simulate(workload, _to_plan(prop, "search"), cluster)
                 if res.feasible and res.time < t - 1e-12:
                     state, t, improved = prop, res.time, True
     return state, t
@@ -219,8 +218,8 @@ def search(
     Raises ValueError, with each baseline's reason, when not even a baseline fits.
     """
     t0 = time.perf_counter()
-    space = _Space(workload, cluster, cfg.cost)
-    bases = {name: baseline(name, workload, cluster, cfg.cost) for name in BASELINES}
+    space = _Space(workload, cluster)
+    bases = {name: baseline(name, workload, cluster) for name in BASELINES}
     fitting = [
         (res.time, name)
         for name, (plan, res) in bases.items()
@@ -248,7 +247,7 @@ def search(
         new = _propose(space, cur, call, names, rng)
         if new is not None and new != cur[call]:
             prop = {**cur, call: new}
-            res = simulate(workload, _to_plan(prop, "search"), cluster, cfg.cost)
+            res = simulate(workload, _to_plan(prop, "search"), cluster)
             if res.feasible:
                 dt = res.time - cur_t
                 if dt <= 0 or rng.random() < math.exp(-dt / (temp * start_time)):
@@ -266,10 +265,10 @@ def search(
         if progress is not None and step % tick == 0:
             progress(step, cfg.steps, best_t)
     if cfg.polish:
-        best, best_t = _polish(space, best, best_t, workload, cluster, cfg.cost)
+        best, best_t = _polish(space, best, best_t, workload, cluster)
         history.append((cfg.steps + 1, best_t))
     plan = _to_plan(best, "search")
-    sim = simulate(workload, plan, cluster, cfg.cost)
+    sim = simulate(workload, plan, cluster)
     return SearchResult(
         plan=plan,
         sim=sim,

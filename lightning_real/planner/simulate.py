@@ -6,7 +6,8 @@ one after another, calls on disjoint devices side by side). Among the calls whos
 ready, the one that can start earliest is placed next (ties: workload order), as a dataflow
 runtime would run them; the calls of one model keep their workload order.
 Each model has a *home* layout where its parameters live between calls: the layout of its train
-call, or of its first call when it is not trained. A call on another layout first reallocates the
+call, or of its first call when it is not trained (the runtime's rule,
+:meth:`~lightning_real.dataflow.DataflowGraph.home_calls`). A call on another layout first reallocates the
 parameters from home; the move occupies the devices of both layouts and may start as soon as
 they are free and the parameters are current (after the model's last train call), before the
 call's inputs are ready. Each iteration is simulated on its own (nothing overlaps across
@@ -20,13 +21,14 @@ from typing import Any
 
 import numpy as np
 
+from lightning_real.dataflow import MFC
 from lightning_real.layout import Layout
-from lightning_real.planner.cost import DEFAULT_COST, CallCost, CostConfig, call_cost
+from lightning_real.planner.cost import CallCost, call_cost
 from lightning_real.planner.hardware import Cluster
 from lightning_real.planner.memory import fmt_bytes
-from lightning_real.planner.plan import Plan
 from lightning_real.planner.transfer import data_move_time, realloc_time
-from lightning_real.planner.workload import CallSpec, Workload
+from lightning_real.planner.workload import Workload
+from lightning_real.plans import Plan
 
 
 @dataclass(frozen=True)
@@ -68,17 +70,6 @@ class SimResult:
         return self.reason is None
 
 
-def homes(workload: Workload, plan: Plan) -> dict[str, str]:
-    """Role -> the call whose layout is the role's home."""
-    out: dict[str, str] = {}
-    for c in workload.calls:
-        if c.call_type == "train":
-            out.setdefault(c.role, c.name)
-    for c in workload.calls:
-        out.setdefault(c.role, c.name)
-    return out
-
-
 def _span(lay: Layout) -> slice:
     ranks = lay.ranks or ()
     lo, hi = min(ranks), max(ranks) + 1
@@ -87,7 +78,7 @@ def _span(lay: Layout) -> slice:
 
 
 def _place(
-    c: CallSpec,
+    c: MFC,
     plan: Plan,
     workload: Workload,
     home_call: dict[str, str],
@@ -108,7 +99,7 @@ def _place(
     realloc = None
     busy = float(free[span].max())
     if lay != home:
-        rt = realloc_time(c.spec, home, lay, cluster)
+        rt = realloc_time(workload.spec(c), home, lay, cluster, workload.features.param_bytes)
         if rt > 0:
             hspan = _span(home)
             rstart = max(params_ready.get(c.role, 0.0), busy, float(free[hspan].max()))
@@ -119,14 +110,9 @@ def _place(
     return max(ready, busy), realloc
 
 
-def simulate(
-    workload: Workload,
-    plan: Plan,
-    cluster: Cluster,
-    cfg: CostConfig = DEFAULT_COST,
-    check_memory: bool = True,
-) -> SimResult:
-    """Event times of one iteration of ``workload`` under ``plan`` on ``cluster``."""
+def simulate(workload: Workload, plan: Plan, cluster: Cluster, check_memory: bool = True) -> SimResult:
+    """Event times of one iteration of ``workload`` under ``plan`` on ``cluster`` (priced with the
+    workload's runtime features)."""
     hw = cluster.hw
     n = cluster.n_devices
     for name in workload.names:
@@ -135,11 +121,12 @@ def simulate(
         lay = plan.layouts[name]
         if max(lay.ranks or (0,)) >= n:
             raise ValueError(f"plan {plan.name}: {name} uses {lay}, beyond the {n} devices of the cluster")
-    home_call = homes(workload, plan)
+    home_call = workload.homes()
     costs: dict[str, CallCost] = {}
     for c in workload.calls:
         lay = plan.layouts[c.name]
-        costs[c.name] = call_cost(c, lay.dp, lay.tp, lay.pp, plan.microbatches[c.name], cluster, cfg)
+        m = plan.n_mbs(workload.graph, c.name)
+        costs[c.name] = call_cost(c, workload.spec(c), lay.dp, lay.tp, lay.pp, m, cluster, workload.features)
 
     peak: dict[str, float] = {}
     reason = None

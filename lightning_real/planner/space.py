@@ -10,11 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
+from lightning_real.dataflow import MFC
+from lightning_real.features import RuntimeFeatures
 from lightning_real.layout import Layout
-from lightning_real.planner.cost import DEFAULT_COST, CallCost, CostConfig, call_cost
+from lightning_real.models.spec import ModelSpec
+from lightning_real.planner.cost import CallCost, call_cost
 from lightning_real.planner.hardware import Cluster
 from lightning_real.planner.memory import call_memory
-from lightning_real.planner.workload import CallSpec
 
 MICROBATCH_CHOICES: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -80,10 +82,9 @@ def meshes(cluster: Cluster) -> tuple[Mesh, ...]:
     return tuple(out)
 
 
-def strategies(call: CallSpec, n: int, gpus_per_node: int) -> list[tuple[int, int, int]]:
-    """``(dp, tp, pp)`` with ``dp * tp * pp == n`` that this call can use (dp must split its batch
-    evenly, as the runtime requires)."""
-    spec = call.spec
+def strategies(call: MFC, spec: ModelSpec, n: int, gpus_per_node: int) -> list[tuple[int, int, int]]:
+    """``(dp, tp, pp)`` with ``dp * tp * pp == n`` that this call of ``spec`` can use (dp must split
+    its batch evenly, as the runtime requires)."""
     out = []
     for tp in range(1, n + 1):
         if n % tp or gpus_per_node % tp or spec.num_heads % tp or spec.num_kv_heads % tp:
@@ -98,7 +99,7 @@ def strategies(call: CallSpec, n: int, gpus_per_node: int) -> list[tuple[int, in
     return out
 
 
-def microbatch_choices(call: CallSpec, dp: int, pp: int) -> list[int]:
+def microbatch_choices(call: MFC, dp: int, pp: int) -> list[int]:
     """Microbatch counts worth trying: powers of two up to the sequences a replica sees per step.
 
     Generation takes at most ``2 * pp``: more microbatches than keep the pipeline busy only read
@@ -106,29 +107,28 @@ def microbatch_choices(call: CallSpec, dp: int, pp: int) -> list[int]:
     """
     per_step = -(-call.batch_size // dp)
     if call.call_type == "train":
-        per_step = -(-per_step // call.train_passes)
+        per_step = -(-per_step // call.minibatches)
     cap = min(per_step, 2 * pp) if call.call_type == "generate" else per_step
     return [m for m in MICROBATCH_CHOICES if m <= cap]
 
 
 @lru_cache(maxsize=4096)
-def options(call: CallSpec, n: int, cluster: Cluster, cfg: CostConfig = DEFAULT_COST) -> tuple[Option, ...]:
-    """Every strategy of ``call`` on ``n`` devices that fits in memory on its own, fastest first.
+def options(
+    call: MFC, spec: ModelSpec, n: int, cluster: Cluster, features: RuntimeFeatures
+) -> tuple[Option, ...]:
+    """Every strategy of ``call`` (running ``spec``) on ``n`` devices that fits in memory on its
+    own under ``features``, fastest first.
 
     "On its own" counts the call's full memory (parameters included), the case of a call that
     does not run at its model's home; the simulator checks the whole plan.
     """
     usable = cluster.hw.usable_mem
-    dt = cluster.hw.dtype_bytes
     out = []
-    for dp, tp, pp in strategies(call, n, cluster.gpus_per_node):
+    for dp, tp, pp in strategies(call, spec, n, cluster.gpus_per_node):
         for m in microbatch_choices(call, dp, pp):
             # Memory is cheap to price, time is not: skip what cannot fit first.
-            if (
-                call_memory(call, dp, tp, pp, m, dt, cfg.distributed_optimizer, cfg.flash_attention).total
-                > usable
-            ):
+            if call_memory(call, spec, dp, tp, pp, m, features).total > usable:
                 continue
-            out.append(Option(dp, tp, pp, m, call_cost(call, dp, tp, pp, m, cluster, cfg)))
+            out.append(Option(dp, tp, pp, m, call_cost(call, spec, dp, tp, pp, m, cluster, features)))
     out.sort(key=lambda o: (o.cost.time, o.cost.memory.total))
     return tuple(out)

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from lightning_real.layout import format_ranks
-from lightning_real.planner.plan import Plan
 from lightning_real.planner.simulate import Event, SimResult
+from lightning_real.plans import Plan
 
 _PALETTE = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C", "#CCB974")
 

@@ -24,11 +24,12 @@ def realloc_cost(
     return realloc_bytes(spec, src, dst, gpus_per_node, dtype_bytes)
 
 
-def realloc_time(spec: ModelSpec, src: Layout, dst: Layout, cluster: Cluster) -> float:
-    """Seconds to move ``spec`` from ``src`` to ``dst``; 0 when nothing needs to move."""
+def realloc_time(spec: ModelSpec, src: Layout, dst: Layout, cluster: Cluster, element_size: int) -> float:
+    """Seconds to move ``spec`` from ``src`` to ``dst`` in elements of ``element_size`` bytes (the
+    working copy: the run's precision); 0 when nothing needs to move."""
     if src == dst:
         return 0.0
-    c = realloc_cost(spec, src, dst, cluster.gpus_per_node, cluster.hw.dtype_bytes)
+    c = realloc_cost(spec, src, dst, cluster.gpus_per_node, element_size)
     if c.bytes_sent == 0:
         return 0.0
     hw = cluster.hw

@@ -17,7 +17,6 @@ from lightning_real.realloc.plan import (
     Piece,
     RankPlan,
     ReallocPlan,
-    RealloPlan,
     plan_realloc,
 )
 from lightning_real.realloc.reallocator import Reallocator, ReallocConfig, key_tensors
@@ -30,7 +29,6 @@ __all__ = [
     "MoveStats",
     "Piece",
     "RankPlan",
-    "RealloPlan",
     "ReallocConfig",
     "ReallocCost",
     "ReallocPlan",

@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -53,6 +53,8 @@ class MoveStats:
     """Part of it spent copying: local pieces, packing and unpacking messages."""
     wait_seconds: float = 0.0
     """Part of it spent waiting for messages to go out and come in."""
+    sent_to: dict[int, int] = field(default_factory=dict)
+    """Bytes this rank sent to each receiving rank (where the bytes went, e.g. across nodes)."""
 
 
 class MoveHandle:
@@ -84,7 +86,7 @@ class MoveHandle:
             self._thread = None
         if "error" in self._box:
             raise self._box.pop("error")
-        stats = self._box["stats"]
+        stats: MoveStats = self._box["stats"]
         if self._after is not None:
             after, self._after = self._after, None
             after(stats)
@@ -168,6 +170,7 @@ def _run(
                     ops.append(dist.P2POp(dist.isend, buf, m.dst, group, REALLOC_TAG))
                     stats.bytes_sent += m.nbytes
                     stats.messages_sent += 1
+                    stats.sent_to[m.dst] = stats.sent_to.get(m.dst, 0) + m.nbytes
                 off = 0
                 landing = []
                 for m in step.recvs:

@@ -22,6 +22,7 @@ import torch
 from lightning_real.layout import Layout, LayoutError
 from lightning_real.models.sharding import ParamSpec, canonical_keys, stage_param_specs
 from lightning_real.models.spec import ModelSpec
+from lightning_real.models.spec import check_layout as check_split
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,7 @@ def holdings(spec: ModelSpec, layout: Layout) -> dict[str, tuple[Holding, ...]]:
 def check_layout(spec: ModelSpec, layout: Layout, what: str) -> Layout:
     """A resolved layout that can hold ``spec`` (heads and layers divide as required)."""
     require_resolved(layout, what)
-    return layout.validate(1 + max(layout.ranks or (0,)), spec)
+    return check_split(spec, layout)
 
 
 def dtype_size(dtype: torch.dtype) -> int:

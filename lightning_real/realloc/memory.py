@@ -60,7 +60,7 @@ def materialize(module: nn.Module | None) -> int:
     grown = 0
     for p in _params(module):
         st = p.untyped_storage()
-        if st.nbytes() == 0 and getattr(p, _NBYTES, 0):
+        if st.nbytes() == 0 and int(getattr(p, _NBYTES, 0)) > 0:
             st.resize_(getattr(p, _NBYTES))
             grown += st.nbytes()
     return grown

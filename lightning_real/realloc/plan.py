@@ -230,10 +230,6 @@ class ReallocPlan:
         return self is other
 
 
-RealloPlan = ReallocPlan
-"""Alias of :class:`ReallocPlan`."""
-
-
 @lru_cache(maxsize=4096)
 def _rank_plan(plan: ReallocPlan, rank: int) -> RankPlan:
     local = tuple(p for p in plan.local if p.dst == rank)
@@ -292,7 +288,7 @@ def _pieces(
                         continue
                     node = d.rank // gpus_per_node
                     pool = [c for c in cands if c // gpus_per_node == node] or cands
-                    sender = min(pool, key=lambda c, r=d.rank: (load[c], (c - r) % span))
+                    sender = min((load[c], (c - d.rank) % span, c) for c in pool)[2]
                     nb = (hi - lo) * row_bytes
                     load[sender] += nb
                     remote.append(Piece(key, g.dim, lo, hi, sender, d.rank, clo, d.lo, nb))

@@ -19,7 +19,7 @@ from lightning_real.distributed.groups import GroupRegistry
 from lightning_real.layout import Layout
 from lightning_real.models.build import zero_vocab_padding_
 from lightning_real.models.shard import ModelShard
-from lightning_real.models.spec import ModelSpec
+from lightning_real.models.spec import ModelSpec, check_layout
 from lightning_real.realloc import memory
 from lightning_real.realloc.execute import MoveHandle, MoveStats, execute
 from lightning_real.realloc.geometry import dtype_size
@@ -79,7 +79,7 @@ class Reallocator:
     def resolve(self, layout: Layout | str) -> Layout:
         """``layout`` with explicit ranks, checked against the world and the model."""
         lay = Layout.parse(layout) if isinstance(layout, str) else layout
-        return lay.validate(self.registry.world_size, self.spec)
+        return check_layout(self.spec, lay.resolve(self.registry.world_size))
 
     def adopt(self, shard: ModelShard) -> ModelShard:
         """Use ``shard`` (built elsewhere, e.g. the training copy) as this model's copy on its layout."""
@@ -165,7 +165,7 @@ class Reallocator:
                 f"rank {self.rank}: the copy on {s} has been released; move from a layout that holds the model"
             )
         plan = self.plan(s, d)
-        if dst_shard.member and memory.materialize(dst_shard.module):
+        if dst_shard.module is not None and memory.materialize(dst_shard.module):
             # Fresh storage is uninitialised and a move never writes vocabulary padding rows.
             g = dst_shard.groups
             zero_vocab_padding_(dst_shard.module, self.spec, g.layout.tp, g.tp_rank)

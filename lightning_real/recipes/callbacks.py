@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from typing_extensions import override
 
 
 class RecipeLogCallback(Callback):
@@ -20,6 +21,7 @@ class RecipeLogCallback(Callback):
         self.recipe = dict(recipe)
         self.output_dir = output_dir
 
+    @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.is_global_zero:
             import yaml
@@ -55,6 +57,7 @@ class ExportCallback(Callback):
         self.write_tokenizer = write_tokenizer
         """Write the tokenizer into each folder."""
 
+    @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         for role, folder in self.folders.items():
             pl_module.save_hf(role, folder, self.copy_files_from.get(role))  # type: ignore[operator]

@@ -197,7 +197,7 @@ def to_dataclass(cls: type[T], data: Any, prefix: str = "", root: type | None = 
     section = prefix.rstrip(".") or "the recipe"
     if not isinstance(data, Mapping):
         raise RecipeError(f"{section}: expected a mapping of keys, got {_show(data)}")
-    fields = hints(cls)
+    fields = hints(cls)  # type: ignore[arg-type]  # a dataclass type is hashable
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         key = f"{prefix}{name}"

@@ -31,7 +31,7 @@ def check_plan(recipe: Recipe, module: Any, graph: Any, world: World) -> None:
     if isinstance(recipe.plan, str) and recipe.plan.strip().lower() == "search":
         return  # the planner's result is checked by the planner; searching twice would cost minutes
     try:
-        resolve_plan(recipe.plan, graph, world.size, module.real_specs())
+        resolve_plan(recipe.plan, graph, world.size, module.real_specs())  # search: checked when run
     except PlanError as e:
         # PlanError names the plan ('plan plan: ...'); here the key says which plan it is.
         text = re.sub(r"^plan \S+: ", "", str(e))
@@ -65,8 +65,21 @@ def check_models(recipe: Recipe, module: Any, tokenizer: Any) -> None:
             )
 
 
+def check_features(recipe: Recipe) -> None:
+    """The recipe's runtime features are ones this runtime builds."""
+    from lightning_real.features import FeatureError
+    from lightning_real.recipes.features import recipe_features
+    from lightning_real.runtime.build import check_features as runnable
+
+    try:
+        runnable(recipe_features(recipe))
+    except FeatureError as e:
+        raise RecipeError(f"key 'engine': {e}") from None
+
+
 def crosscheck(recipe: Recipe, module: Any, tokenizer: Any, world: World) -> None:
     """All checks between the recipe's parts."""
+    check_features(recipe)
     graph = module_graph(module)
     check_models(recipe, module, tokenizer)
     check_plan(recipe, module, graph, world)

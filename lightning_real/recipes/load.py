@@ -105,7 +105,7 @@ def merged_mapping(path: str | Path, overrides: Sequence[str] = ()) -> dict[str,
         text = re.sub(r"^\w+ raised while resolving interpolation: ", "", _first_line(e))
         raise RecipeError(f"{path}: {where}{text}") from None
     assert isinstance(data, dict)
-    return data
+    return {str(k): v for k, v in data.items()}
 
 
 def check_sections(data: Mapping[str, Any], recipe: Recipe) -> None:
@@ -140,7 +140,7 @@ def as_mapping(recipe: Recipe) -> dict[str, Any]:
     from lightning_real.recipes.convert import to_plain
 
     use = USES[recipe.algorithm]
-    data = to_plain(recipe)
+    data: dict[str, Any] = to_plain(recipe)
     for role in ("actor", "critic", "reward", "ref"):
         if not getattr(recipe, role).given:
             del data[role]

@@ -1,4 +1,5 @@
-"""The LightningModule of a recipe: its algorithm's module, with each role's model source.
+"""The LightningModule of a recipe: its algorithm's module (:mod:`lightning_real.registry`), with
+each role's model source.
 
 Modules are imported only for the algorithm a recipe names, so a recipe of one algorithm runs
 whatever state the other modules are in.
@@ -6,33 +7,24 @@ whatever state the other modules are in.
 
 from __future__ import annotations
 
-import importlib
+from collections.abc import Callable
 from typing import Any
 
-from lightning.pytorch import LightningModule
-
+from lightning_real.module import RLHFModule
 from lightning_real.recipes.errors import RecipeError
 from lightning_real.recipes.schema import ModelSourceConfig, Recipe
-
-MODULES: dict[str, tuple[str, str]] = {
-    "sft": ("lightning_real.modules.sft", "SFTModule"),
-    "rw": ("lightning_real.modules.rw", "RewardModelModule"),
-    "ppo": ("lightning_real.modules.ppo", "PPOModule"),
-    "grpo": ("lightning_real.modules.grpo", "GRPOModule"),
-    "remax": ("lightning_real.modules.remax", "ReMaxModule"),
-    "dpo": ("lightning_real.modules.dpo", "DPOModule"),
-}
-"""Algorithm -> (Python module, class) of its LightningModule."""
+from lightning_real.registry import lookup
+from lightning_real.registry import module_class as registered_class
 
 
-def module_class(algorithm: str) -> type[LightningModule]:
+def module_class(algorithm: str) -> type[RLHFModule]:
     """The LightningModule class of ``algorithm``."""
-    path, name = MODULES[algorithm]
+    entry = lookup(algorithm)
     try:
-        return getattr(importlib.import_module(path), name)
+        return registered_class(algorithm)
     except (ImportError, AttributeError) as e:
         raise RecipeError(
-            f"algorithm {algorithm!r} needs {path}.{name}, which cannot be imported ({e})"
+            f"algorithm {algorithm!r} needs {entry.module}.{entry.cls}, which cannot be imported ({e})"
         ) from None
 
 
@@ -51,9 +43,10 @@ def model_source(src: ModelSourceConfig, tokenizer: Any) -> Any:
     return None
 
 
-def make_module(recipe: Recipe, tokenizer: Any) -> LightningModule:
+def make_module(recipe: Recipe, tokenizer: Any) -> RLHFModule:
     """The recipe's LightningModule (models are built later, when the strategy sets up)."""
-    cls = module_class(recipe.algorithm)
+    # Each algorithm's module has its own constructor; the arguments below follow each one.
+    cls: Callable[..., RLHFModule] = module_class(recipe.algorithm)
     src = {
         role: model_source(getattr(recipe, role), tokenizer) for role in ("actor", "critic", "reward", "ref")
     }
@@ -66,6 +59,7 @@ def make_module(recipe: Recipe, tokenizer: Any) -> LightningModule:
         "generation": recipe.generation,
         "actor_optim": recipe.optim,
         "tokenizer": tokenizer,
+        "prompt_len": recipe.data.max_prompt_len,
     }
     a = recipe.algorithm
     try:

@@ -9,17 +9,19 @@ reference (``lightning-real run --help-config`` prints them).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 from lightning_real.algorithms.dpo import DPOConfig
 from lightning_real.algorithms.grpo import GRPOConfig
 from lightning_real.algorithms.ppo import PPOConfig
 from lightning_real.data.modules import DataConfig
+from lightning_real.features import RuntimeFeatures
 from lightning_real.models.generate import GenerationConfig
 from lightning_real.models.optim import OptimConfig
 
 Algorithm = Literal["sft", "rw", "ppo", "grpo", "remax", "dpo"]
-ALGORITHMS: tuple[str, ...] = ("sft", "rw", "ppo", "grpo", "remax", "dpo")
+ALGORITHMS: tuple[str, ...] = get_args(Algorithm)
+"""The names of :data:`lightning_real.registry.ALGORITHMS` (a test keeps the two equal)."""
 Role = Literal["actor", "critic", "reward", "ref"]
 ROLES: tuple[str, ...] = ("actor", "critic", "reward", "ref")
 MISSING = "???"
@@ -68,6 +70,8 @@ class TrainerConfig:
     """Nodes; null: the torchrun world size over its processes per node, else 1."""
     accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
     """Lightning accelerator; CPU runs use gloo, GPUs NCCL."""
+    precision: Literal["32-true", "32", "bf16-mixed", "bf16-true"] | None = None
+    """Lightning's precision name (``Trainer(precision=...)``); null: ``engine.precision``."""
     max_steps: int = 100
     """Training iterations (one dataflow iteration, i.e. one batch of the data module, each)."""
     log_every_n_steps: int = 1
@@ -105,8 +109,9 @@ class StrategyConfig:
 
     search_steps: int = 2000
     """MCMC steps of the planner when plan='search'."""
-    gpus_per_node: int = 8
-    """Devices per node as the planner and the reallocation see them (prefer senders on one node)."""
+    gpus_per_node: int | None = None
+    """Devices per node as the planner and the reallocation see them (senders on the receiver's
+    node are preferred); null: torchrun's LOCAL_WORLD_SIZE, else trainer.devices."""
     trace: bool = False
     """Write a Chrome trace of every logged step to output_dir/traces."""
 
@@ -149,6 +154,9 @@ class Recipe:
     call name to layout string ('d2t2p1@0-3')."""
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     """RealStrategy options besides the plan."""
+    engine: RuntimeFeatures = field(default_factory=RuntimeFeatures)
+    """What the runtime runs and the planner prices: precision (or trainer.precision), optimizer
+    sharding, attention, recomputation, generation backend, offload."""
     n_mbs: int | dict[str, int] = 1
     """Microbatches per data-parallel replica: one count for every call, or call name -> count."""
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -15,7 +15,7 @@ from lightning_real.recipes.callbacks import ExportCallback, RecipeLogCallback
 from lightning_real.recipes.errors import RecipeError
 from lightning_real.recipes.launch import World
 from lightning_real.recipes.load import as_mapping
-from lightning_real.recipes.schema import Recipe
+from lightning_real.recipes.schema import ModelSourceConfig, Recipe
 from lightning_real.recipes.validate import export_roles
 
 
@@ -76,7 +76,7 @@ def make_callbacks(recipe: Recipe) -> list[Any]:
 
 def _source_folder(recipe: Recipe, role: str) -> str | None:
     # The critic starts from the actor when unset; its side files are the actor's then.
-    src = getattr(recipe, role)
+    src: ModelSourceConfig = getattr(recipe, role)
     if src.path is None and role == "critic":
         src = recipe.actor
     return src.path
@@ -84,12 +84,15 @@ def _source_folder(recipe: Recipe, role: str) -> str | None:
 
 def make_trainer(recipe: Recipe, world: World, start_method: str) -> Trainer:
     """The Trainer that runs the recipe on ``world`` processes."""
+    from lightning_real.recipes.features import recipe_features
     from lightning_real.strategy import RealStrategy
 
     t, s = recipe.trainer, recipe.strategy
+    features = recipe_features(recipe)
     strategy = RealStrategy(
         plan=recipe.plan,
         gpus_per_node=s.gpus_per_node,
+        features=features,
         trace_dir=str(Path(t.output_dir) / "traces") if s.trace else None,
         search_steps=s.search_steps,
         start_method=start_method,
@@ -100,6 +103,7 @@ def make_trainer(recipe: Recipe, world: World, start_method: str) -> Trainer:
             devices=world.devices,
             num_nodes=world.num_nodes,
             strategy=strategy,
+            precision=features.precision,
             max_steps=t.max_steps,
             max_epochs=-1,
             log_every_n_steps=t.log_every_n_steps,

@@ -126,7 +126,8 @@ def check_counts(recipe: Recipe) -> None:
             f"key 'trainer.keep_checkpoints': {t.keep_checkpoints} is not allowed; allowed: -1 (all) or an integer >= 1"
         )
     _at_least("strategy.search_steps", recipe.strategy.search_steps, 1)
-    _at_least("strategy.gpus_per_node", recipe.strategy.gpus_per_node, 1)
+    if recipe.strategy.gpus_per_node is not None:
+        _at_least("strategy.gpus_per_node", recipe.strategy.gpus_per_node, 1)
     use = USES[recipe.algorithm]
     if isinstance(recipe.n_mbs, Mapping):
         if recipe.algorithm in ("sft", "rw"):

@@ -12,25 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from lightning_real.dataflow import MFC
 from lightning_real.layout import Layout
 from lightning_real.runtime.trace import Tracer
 from lightning_real.runtime.transfer import post_sends, receive, row_range
-
-
-class CallSpec(Protocol):
-    """What the executor needs of a model function call (``dataflow.MFC`` satisfies it)."""
-
-    name: str
-    role: str
-    input_keys: tuple[str, ...]
-    output_keys: tuple[str, ...]
-    batch_size: int
-
 
 CallFn = Callable[[Any, dict[str, torch.Tensor]], tuple[dict[str, torch.Tensor], dict[str, float]]]
 """A call's body on one rank of its layout: (model shard or None, input rows) -> (output rows, metrics)."""
@@ -54,7 +44,7 @@ class Executor:
 
     def __init__(
         self,
-        calls: list[CallSpec],
+        calls: list[MFC],
         plan: dict[str, Layout],
         fns: dict[str, CallFn],
         move: Mover,
@@ -136,7 +126,7 @@ class Executor:
         return (producer * len(self.calls) + consumer + 1) * 65536
 
     def _receive_inputs(
-        self, ci: int, call: CallSpec, layout: Layout, origin: dict, held: dict[str, torch.Tensor]
+        self, ci: int, call: MFC, layout: Layout, origin: dict, held: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor] | None:
         """This rank's input rows for ``call`` (None outside its layout)."""
         c = layout.coords(self.rank)

@@ -8,12 +8,12 @@ trained model never serves a stale copy and memory holds at most one extra copy 
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
 
 from lightning_real.layout import Layout
 from lightning_real.models.shard import ModelShard
-from lightning_real.realloc import Reallocator
+from lightning_real.realloc import MoveStats, Reallocator
 
 
 @dataclass
@@ -31,12 +31,28 @@ class PooledModel:
     _live: set[Layout] = field(default_factory=set)
 
 
+@dataclass(frozen=True)
+class MoveRecord:
+    """One move this rank took part in."""
+
+    role: str
+    """The model moved."""
+    src: Layout
+    """Its home layout."""
+    dst: Layout
+    """The call's layout."""
+    stats: MoveStats
+    """What this rank sent, received and copied, and where its bytes went."""
+
+
 class ModelPool:
     """Models by role; ``move``/``release`` have the runtime's Mover/release signatures."""
 
     def __init__(self) -> None:
         self.models: dict[str, PooledModel] = {}
         self.bytes_moved = 0
+        self.moves: deque[MoveRecord] = deque(maxlen=1024)
+        """The latest moves of this rank, oldest first."""
 
     def add(self, model: PooledModel) -> None:
         """Register a role's model (its home shard already built and loaded on every rank)."""
@@ -44,7 +60,7 @@ class ModelPool:
             model.reallocator.adopt(model.home)
         self.models[model.role] = model
 
-    def move(self, role: str, layout: Layout) -> tuple[Any, int]:
+    def move(self, role: str, layout: Layout) -> tuple[ModelShard | None, int]:
         """The role's shard on ``layout`` (moving parameters there if needed), and bytes sent."""
         m = self.models.get(role)
         if m is None:  # a call without a model (e.g. a rule-based reward)
@@ -57,10 +73,10 @@ class ModelPool:
             return m.reallocator.shard(layout), 0
         shard = m.reallocator.move(m.home.layout, layout, keep_source=True)
         m._live.add(layout)
-        stats = m.reallocator.last_stats
-        sent = int(getattr(stats, "bytes_sent", 0) or 0)
-        self.bytes_moved += sent
-        return shard, sent
+        stats = m.reallocator.last_stats or MoveStats()
+        self.moves.append(MoveRecord(role, m.home.layout, layout, stats))
+        self.bytes_moved += stats.bytes_sent
+        return shard, stats.bytes_sent
 
     def release(self, role: str, layout: Layout) -> None:
         """Drop the call's copy on ``layout`` after the call (home copies stay)."""

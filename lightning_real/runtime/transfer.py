@@ -15,18 +15,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from lightning_real.layout import Layout, LayoutError
+from lightning_real.layout import Layout, row_range
 
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.bool, torch.float64]
 _HEADER = 8  # dtype code, ndim, up to 6 dims
-
-
-def row_range(batch_size: int, dp: int, replica: int) -> tuple[int, int]:
-    """Rows of the global batch that data-parallel ``replica`` processes."""
-    if batch_size % dp:
-        raise LayoutError(f"batch size {batch_size} is not divisible by dp={dp}")
-    n = batch_size // dp
-    return replica * n, (replica + 1) * n
 
 
 def replica_ranks(layout: Layout, replica: int) -> list[int]:

@@ -1,6 +1,13 @@
-"""Read what the planner needs from a recipe YAML, or from a built-in preset name.
+"""What ``lightning-real plan`` prices: the workload of a training recipe, a planner recipe or a preset.
 
-Keys read (top level, or under a ``planner:`` section that takes precedence; see docs/planner.md):
+A training recipe of ``lightning-real run`` (one that names an ``algorithm``, see docs/recipes.md)
+is read exactly as ``run`` reads it: its module is made (no models are built), and the workload is
+that module's own dataflow graph and model specs with the recipe's runtime features
+(:func:`lightning_real.recipes.features.recipe_features`). ``KEY=VALUE`` overrides fill its
+``???``; a reward ``rule`` is priced as the actor's size. Every algorithm is priced this way.
+
+A planner recipe describes PPO on published models. Keys read (top level, or under a
+``planner:`` section that takes precedence; see docs/planner.md):
 
 * ``models``: ``actor`` (required), ``critic``, ``ref``, ``reward``. Each is a preset name
   (``llama2-7b``, ``7b``, ``tiny``), a mapping with ``hf_config`` (a local ``config.json`` or a
@@ -8,12 +15,9 @@ Keys read (top level, or under a ``planner:`` section that takes precedence; see
   Critic and reward get a value head; the reference defaults to the actor, the critic to the
   actor's trunk, the reward to the critic.
 * ``batch_size`` (512), ``prompt_len`` (128), ``gen_len`` (128), ``ppo_minibatches`` (1);
-  also accepted inside ``ppo:`` or ``data:`` sections.
-
-A training recipe of ``lightning-real run`` (one with ``algorithm: ppo``, see docs/recipes.md)
-is read as well: its roles (``path``: an HF folder, ``tiny``: a tiny model of that family, a
-reward ``rule`` priced as the actor's size), ``data.batch_size``, ``data.max_prompt_len``,
-``generation.max_new_tokens`` and ``ppo.minibatches``; ``KEY=VALUE`` overrides fill its ``???``.
+  also accepted inside ``ppo:`` or ``data:`` sections;
+* ``features``: a mapping of :class:`~lightning_real.features.RuntimeFeatures` fields (default:
+  the GPU engine's, :data:`~lightning_real.planner.workload.GPU_FEATURES`, which the presets assume).
 """
 
 from __future__ import annotations
@@ -24,9 +28,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from lightning_real.features import FeatureError, RuntimeFeatures
 from lightning_real.models.spec import ModelSpec, tiny_spec
 from lightning_real.planner.presets import LLAMA2_SIZES, llama2_spec
-from lightning_real.planner.workload import Workload, ppo_workload
+from lightning_real.planner.workload import GPU_FEATURES, Workload, ppo_workload
 
 PRESETS: tuple[str, ...] = (*(f"{p}-{s}" for p in ("llama2", "ppo") for s in LLAMA2_SIZES), "tiny")
 _SCALARS = ("batch_size", "prompt_len", "gen_len", "ppo_minibatches")
@@ -82,7 +87,7 @@ def _from_hf(path: Path, head: Literal["lm", "value"], where: str, base: Path | 
 
 
 def workload_from_recipe(source: str, dotlist: Sequence[str] = (), **overrides: Any) -> Workload:
-    """The PPO workload of a recipe YAML path or a preset name; ``dotlist`` holds ``KEY=VALUE``
+    """The workload of a recipe YAML path or a preset name; ``dotlist`` holds ``KEY=VALUE``
     overrides of the YAML, ``overrides`` replace scalars (``batch_size``, ``prompt_len``,
     ``gen_len``, ``ppo_minibatches``) when not None."""
     path = Path(source)
@@ -90,13 +95,7 @@ def workload_from_recipe(source: str, dotlist: Sequence[str] = (), **overrides: 
         if not path.is_file():
             raise ValueError(f"recipe {source!r} does not exist")
         if _is_run_recipe(path):
-            from lightning_real.recipes.load import load_recipe
-
-            # Read as `lightning-real run` reads it (its checks and messages); model paths are
-            # relative to the working folder there, not to the recipe's.
-            return _from_mapping(
-                _from_run_recipe(load_recipe(path, dotlist), str(path)), str(path), None, overrides
-            )
+            return _from_run_recipe(path, dotlist, overrides)
         from omegaconf import OmegaConf
         from omegaconf.errors import OmegaConfBaseException
 
@@ -109,7 +108,7 @@ def workload_from_recipe(source: str, dotlist: Sequence[str] = (), **overrides: 
             raise ValueError(f"recipe {source!r}: {str(e).splitlines()[0]}{where}") from None
         if not isinstance(raw, dict):
             raise ValueError(f"recipe {source!r}: expected a mapping at the top level")
-        return _from_mapping(raw, str(path), path.parent, overrides)
+        return _from_mapping({str(k): v for k, v in raw.items()}, str(path), path.parent, overrides)
     if dotlist:
         raise ValueError(f"KEY=VALUE overrides {list(dotlist)} need a recipe YAML, not the preset {source!r}")
     key = source.strip().lower()
@@ -132,29 +131,32 @@ def _is_run_recipe(path: Path) -> bool:
     return isinstance(top, dict) and "algorithm" in top
 
 
-def _from_run_recipe(recipe: Any, name: str) -> dict[str, Any]:
-    """The planner's keys from a loaded ``lightning-real run`` recipe (``recipes.schema.Recipe``)."""
-    if recipe.algorithm != "ppo":
-        raise ValueError(
-            f"recipe {name}: algorithm={recipe.algorithm!r}; the plan command prices PPO recipes "
-            "(other algorithms: set plan: search in the recipe, which searches their own graph)"
-        )
-    models: dict[str, Any] = {}
-    for role in ("actor", "critic", "ref", "reward"):
-        src = getattr(recipe, role)
-        if src.path is not None:
-            models[role] = {"hf_config": src.path}
-        elif src.tiny is not None:
-            models[role] = {"tiny": src.tiny}
-    if "reward" not in models and "actor" in models:
-        models["reward"] = models["actor"]  # a rule has no model: priced as the actor's size
-    return {
-        "models": models,
-        "batch_size": recipe.data.batch_size,
-        "prompt_len": recipe.data.max_prompt_len,
-        "gen_len": recipe.generation.max_new_tokens,
-        "ppo_minibatches": recipe.ppo.minibatches,
-    }
+_RUN_KEYS = {
+    "batch_size": "data.batch_size",
+    "prompt_len": "data.max_prompt_len",
+    "gen_len": "generation.max_new_tokens",
+    "ppo_minibatches": "ppo.minibatches",
+}
+"""The scalar overrides of ``lightning-real plan`` as keys of a training recipe."""
+
+
+def _from_run_recipe(path: Path, dotlist: Sequence[str], overrides: dict[str, Any]) -> Workload:
+    """The workload ``lightning-real run`` would execute for this recipe (its module's graph)."""
+    from lightning_real.data.tokenizer import byte_tokenizer
+    from lightning_real.recipes.features import recipe_features
+    from lightning_real.recipes.load import load_recipe
+    from lightning_real.recipes.modules import make_module
+
+    extra = [f"{_RUN_KEYS[k]}={v}" for k, v in overrides.items() if v is not None and k in _RUN_KEYS]
+    # Read as `lightning-real run` reads it (its checks and messages); model paths are relative
+    # to the working folder there, not to the recipe's.
+    recipe = load_recipe(path, [*dotlist, *extra])
+    # Pricing needs the graph and the models, not the tokenizer (which `run` checks).
+    module = make_module(recipe, byte_tokenizer())
+    w = Workload(module.real_graph(), module.real_specs(), recipe_features(recipe))
+    w.meta["recipe"] = str(path)
+    w.meta["algorithm"] = recipe.algorithm
+    return w
 
 
 def _from_mapping(raw: dict[str, Any], name: str, base: Path | None, overrides: dict[str, Any]) -> Workload:
@@ -189,6 +191,12 @@ def _from_mapping(raw: dict[str, Any], name: str, base: Path | None, overrides: 
     for k, v in vals.items():
         if not isinstance(v, int) or v < (0 if k == "gen_len" else 1):
             raise ValueError(f"recipe {name}: {k} must be a positive integer, got {v!r}")
-    w = ppo_workload(actor, critic, ref, reward, **vals)
+    features = GPU_FEATURES
+    if isinstance(section.get("features"), dict):
+        try:
+            features = RuntimeFeatures(**{**GPU_FEATURES.to_dict(), **section["features"]})
+        except (TypeError, FeatureError) as e:
+            raise ValueError(f"recipe {name}: features: {e}") from None
+    w = ppo_workload(actor, critic, ref, reward, **vals, features=features)
     w.meta["recipe"] = name
     return w

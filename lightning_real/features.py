@@ -1,0 +1,149 @@
+"""The runtime features that change what a step costs and how much memory it needs.
+
+One declaration, read by both sides: the runtime builds models, optimizers and generation
+engines with exactly these features, and the planner prices exactly these (a plan searched for
+other features would be a plan for another framework). ``lightning-real plan <recipe>`` and
+``lightning-real run <recipe>`` derive them from the recipe with one function
+(:func:`lightning_real.recipes.features.recipe_features`); ``RealStrategy`` takes them as an
+argument, with the precision from the Trainer.
+
+The module imports nothing heavy, so the planner's command line starts fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Literal, get_args
+
+Precision = Literal["32-true", "bf16-mixed", "bf16-true"]
+Optimizer = Literal["auto", "replicated", "distributed"]
+Attention = Literal["local", "sdpa"]
+Recompute = Literal["none", "selective", "full"]
+GenerationBackend = Literal["native", "vllm"]
+
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+ATTENTIONS: tuple[str, ...] = get_args(Attention)
+RECOMPUTES: tuple[str, ...] = get_args(Recompute)
+GENERATION_BACKENDS: tuple[str, ...] = get_args(GenerationBackend)
+
+LIGHTNING_PRECISIONS: dict[str, str] = {
+    "32": "32-true",
+    "32-true": "32-true",
+    "bf16-mixed": "bf16-mixed",
+    "bf16-true": "bf16-true",
+}
+"""Lightning's precision names (``Trainer(precision=...)``) and the precision each one means here."""
+
+
+class FeatureError(ValueError):
+    """A feature value the runtime cannot run: the message names the option and the allowed values."""
+
+
+@dataclass(frozen=True)
+class RuntimeFeatures:
+    """What the runtime runs, as far as it changes time and memory."""
+
+    precision: Precision = "32-true"
+    """'32-true': fp32 everywhere; 'bf16-mixed': bf16 parameters and activations with fp32 master
+    weights, fp32 gradient reduction and fp32 Adam states; 'bf16-true': bf16 parameters,
+    gradients and Adam states (no master copy). Generation and inference run in the working
+    dtype (bf16 for both bf16 modes), and reallocation moves the working copy."""
+    optimizer: Optimizer = "replicated"
+    """Adam states over the data-parallel group: 'replicated' (every replica keeps them all),
+    'distributed' (ZeRO-1: each replica keeps 1/dp of them; gradients are reduce-scattered and
+    the updated parameters all-gathered), 'auto' (distributed when dp > 1)."""
+    attention: Attention = "local"
+    """Core attention: 'sdpa' (``torch.nn.functional.scaled_dot_product_attention``: flash or
+    memory-efficient kernels on CUDA, no score matrix kept), or 'local' (megatron-core's unfused
+    attention, which materialises the scores)."""
+    recompute: Recompute = "none"
+    """Activation recomputation of train calls: 'none', 'selective' (the attention core, as
+    megatron-core's selective recompute) or 'full' (every layer's activations, recomputed in
+    backward). A plan may choose it per call."""
+    generation_backend: GenerationBackend = "native"
+    """Engine of generate calls: 'native' (this package's generator: any tp/pp, the same tokens
+    under any split) or 'vllm' (vLLM in this process, one engine per data-parallel replica)."""
+    offload_idle: bool = False
+    """Park the parameters of a model's call copies in host memory between its calls; False keeps
+    them on the device until the call is over and then drops them."""
+
+    def __post_init__(self) -> None:
+        allowed = {
+            "precision": PRECISIONS,
+            "optimizer": OPTIMIZERS,
+            "attention": ATTENTIONS,
+            "recompute": RECOMPUTES,
+            "generation_backend": GENERATION_BACKENDS,
+        }
+        for name, values in allowed.items():
+            v = getattr(self, name)
+            if v not in values:
+                raise FeatureError(f"{name}={v!r}; allowed: {', '.join(values)}")
+        if not isinstance(self.offload_idle, bool):
+            raise FeatureError(f"offload_idle={self.offload_idle!r}; allowed: true, false")
+
+    # ---- what the features mean in bytes ------------------------------------------------------
+    @property
+    def param_bytes(self) -> int:
+        """Bytes of one working parameter (and activation) element."""
+        return 4 if self.precision == "32-true" else 2
+
+    @property
+    def grad_bytes(self) -> int:
+        """Bytes of one gradient element (fp32 main gradients except in bf16-true)."""
+        return 2 if self.precision == "bf16-true" else 4
+
+    @property
+    def master_bytes(self) -> int:
+        """Bytes of the fp32 master copy of one parameter (bf16-mixed only)."""
+        return 4 if self.precision == "bf16-mixed" else 0
+
+    @property
+    def moment_bytes(self) -> int:
+        """Bytes of Adam's two moments of one parameter (they follow the optimizer's dtype)."""
+        return 4 if self.precision == "bf16-true" else 8
+
+    def distributed_optimizer(self, dp: int) -> bool:
+        """Whether Adam states are split over a data-parallel group of ``dp`` replicas."""
+        return dp > 1 and self.optimizer in ("auto", "distributed")
+
+    @property
+    def flash_attention(self) -> bool:
+        """Whether attention keeps no score matrix (SDPA's fused kernels)."""
+        return self.attention == "sdpa"
+
+    def describe(self) -> str:
+        """One line for reports: ``bf16-mixed, distributed Adam (dp > 1), sdpa attention, ...``."""
+        opt = {"auto": "distributed Adam when dp > 1", "replicated": "replicated Adam"}.get(
+            self.optimizer, "distributed Adam"
+        )
+        parts = [
+            self.precision,
+            opt,
+            f"{self.attention} attention",
+            f"recompute {self.recompute}",
+            f"{self.generation_backend} generation",
+        ]
+        if self.offload_idle:
+            parts.append("idle copies offloaded")
+        return ", ".join(parts)
+
+    def to_dict(self) -> dict[str, str | bool]:
+        """Field -> value, as reports and plan files write them."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+REFERENCE = RuntimeFeatures(precision="32-true", optimizer="replicated", attention="local")
+"""The CPU reference engine: fp32, replicated AdamW, megatron-core's unfused attention."""
+
+
+def precision_of(name: str | int | None) -> str:
+    """This package's precision for a Lightning precision name (``Trainer(precision=...)``)."""
+    key = "32-true" if name is None else str(name)
+    if key not in LIGHTNING_PRECISIONS:
+        raise FeatureError(
+            f"precision={name!r}; allowed: {', '.join(sorted(set(LIGHTNING_PRECISIONS)))} "
+            "(16-bit float and fp64 are not supported)"
+        )
+    return LIGHTNING_PRECISIONS[key]

@@ -1,0 +1,154 @@
+"""Build the runtime of one run on this rank: models, reallocators and training engines.
+
+The module declares (graph, roles, call bodies); this builds, with the strategy's configuration:
+
+* every role's *home* shard on the layout of its home call (collective: every rank builds the
+  roles in declaration order), from its HF folder or random init, in the working dtype;
+* a :class:`~lightning_real.realloc.Reallocator` per role for moves to its other calls' layouts,
+  planned with the run's node size (senders on the receiver's node are preferred);
+* a :class:`~lightning_real.models.train.TrainEngine` per trained role, with the plan's
+  microbatch count of its train call.
+
+Features the runtime does not run yet are refused here, with the option at fault.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from lightning_real.dataflow import DataflowGraph
+from lightning_real.distributed.groups import GroupRegistry
+from lightning_real.features import REFERENCE, FeatureError, RuntimeFeatures
+from lightning_real.models.shard import ModelShard
+from lightning_real.models.source import load_shard
+from lightning_real.models.train import TrainConfig, TrainEngine
+from lightning_real.plans import Plan
+from lightning_real.realloc import Reallocator, ReallocConfig
+from lightning_real.runtime.generation import Generator, make_generator
+from lightning_real.runtime.pool import ModelPool, PooledModel
+from lightning_real.runtime.roles import RoleDecl
+
+Rows = dict[str, torch.Tensor]
+CallFn = Callable[[ModelShard | None, Rows], tuple[Rows, dict[str, float]]]
+"""A call's body on one rank of its layout: (model shard or None, input rows) -> (output rows, metrics)."""
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How the strategy asks the runtime to be built."""
+
+    node_size: int
+    """Devices per node: reallocation prefers senders on the receiver's node."""
+    features: RuntimeFeatures = REFERENCE
+    """Precision, optimizer sharding, attention, recomputation, generation backend, offload."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.node_size, int) or self.node_size < 1:
+            raise ValueError(f"RuntimeConfig.node_size={self.node_size!r}; allowed: an integer >= 1")
+
+
+@dataclass
+class RuntimeContext:
+    """What a module's ``real_setup`` receives: the built runtime of this rank."""
+
+    graph: DataflowGraph
+    """The graph the runtime executes."""
+    plan: Plan
+    """Every call's layout (explicit ranks) and microbatch count."""
+    config: RuntimeConfig
+    """Node size and features the runtime was built with."""
+    rank: int
+    """Global rank of this process."""
+    pool: ModelPool
+    """Every role's home shard and its moves to other layouts."""
+    engines: dict[str, TrainEngine] = field(default_factory=dict)
+    """Training engine of each trained role."""
+    generators: dict[str, Generator] = field(default_factory=dict)
+    """Engine of each generate call."""
+
+    @property
+    def features(self) -> RuntimeFeatures:
+        """The features the runtime runs."""
+        return self.config.features
+
+    def microbatches(self, call: str) -> int:
+        """Microbatches per data-parallel replica of ``call`` (the plan's, else the graph's)."""
+        return self.plan.n_mbs(self.graph, call)
+
+    def generator(self, call: str) -> Generator:
+        """The engine of generate call ``call``."""
+        if call not in self.generators:
+            raise KeyError(
+                f"no generation engine for call {call!r}; generate calls: {', '.join(self.generators)}"
+            )
+        return self.generators[call]
+
+    def engine(self, role: str) -> TrainEngine:
+        """The training engine of ``role``."""
+        if role not in self.engines:
+            raise KeyError(f"no training engine for role {role!r}; trained roles: {', '.join(self.engines)}")
+        return self.engines[role]
+
+
+RUNNABLE: dict[str, tuple[object, ...]] = {
+    "precision": ("32-true",),
+    "optimizer": ("replicated",),
+    "attention": ("local",),
+    "recompute": ("none",),
+    "generation_backend": ("native",),
+    "offload_idle": (False,),
+}
+"""Feature values this runtime builds."""
+
+
+def check_features(features: RuntimeFeatures) -> None:
+    """Refuse features this runtime cannot run, naming the option and the values it can."""
+    for name, value in features.to_dict().items():
+        if value not in RUNNABLE[name]:
+            allowed = ", ".join(repr(v) for v in RUNNABLE[name])
+            raise FeatureError(f"{name}={value!r} is not available in this runtime; allowed: {allowed}")
+
+
+def build_runtime(
+    graph: DataflowGraph,
+    roles: Sequence[RoleDecl],
+    plan: Plan,
+    registry: GroupRegistry,
+    config: RuntimeConfig,
+) -> RuntimeContext:
+    """Build every declared role that the graph uses (collective over the world)."""
+    check_features(config.features)
+    homes = graph.home_calls()
+    trained = set(graph.trained_roles())
+    ctx = RuntimeContext(graph, plan, config, registry.rank, ModelPool())
+    realloc = ReallocConfig(gpus_per_node=config.node_size)
+    for decl in roles:
+        if decl.role not in homes:
+            continue  # declared but not run (e.g. no reference call when the KL weight is 0)
+        if decl.trained != (decl.role in trained):
+            raise ValueError(
+                f"role {decl.role!r}: declared {'trained' if decl.trained else 'frozen'} but the graph "
+                f"{'does not train' if decl.trained else 'trains'} it"
+            )
+        home_call = homes[decl.role]
+        groups = registry.for_layout(plan.layouts[home_call])
+        home = load_shard(decl.source, decl.spec, groups, decl.seed, decl.init_value_head)
+        ctx.pool.add(
+            PooledModel(
+                decl.role, home, Reallocator(decl.spec, registry, realloc), keep_copies=not decl.trained
+            )
+        )
+        if decl.training is not None:
+            t = decl.training
+            cfg = TrainConfig(n_mbs=plan.n_mbs(graph, home_call), norm_key=t.norm_key, optim=t.optim)
+            ctx.engines[decl.role] = TrainEngine(home, t.loss, cfg)
+    for c in graph.calls:
+        if c.call_type == "generate":
+            ctx.generators[c.name] = make_generator(config.features.generation_backend)
+    missing = [r for r in homes if r not in ctx.pool.models and r in trained]
+    if missing:
+        raise ValueError(f"the graph trains roles {missing} that the module does not declare")
+    return ctx
