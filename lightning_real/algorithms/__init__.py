@@ -1,10 +1,19 @@
-"""RLHF losses and advantage estimators: PPO, GRPO (and Dr. GRPO, DAPO, GSPO), ReMax, DPO, SFT and
-reward modelling.
+"""RLHF losses and advantage estimators: PPO, GRPO (and Dr. GRPO, DAPO, GSPO), RLOO, REINFORCE++,
+ReMax, DPO, SFT and reward modelling.
 
 Pure torch and free of process groups: each function works on the tensors of one batch (or
 microbatch) and returns losses and metrics named as OpenRLHF, verl and TRL name them.
 """
 
+from lightning_real.algorithms.advantages import (
+    ADV_ESTIMATORS,
+    AdvantageConfig,
+    compute_advantages,
+    discounted_returns,
+    passk_advantages,
+    reinforce_pp_advantages,
+    rloo_advantages,
+)
 from lightning_real.algorithms.aggregation import LOSS_AGG_MODES, agg_loss, agg_norm_key, agg_normaliser
 from lightning_real.algorithms.correction import tis_metrics, tis_weights
 from lightning_real.algorithms.dpo import DPOConfig, dpo_loss, sequence_logps
@@ -43,8 +52,10 @@ from lightning_real.algorithms.rw import last_token_scores, pairwise_loss
 from lightning_real.algorithms.sft import sft_loss, token_logprobs
 
 __all__ = [
+    "ADV_ESTIMATORS",
     "LOSS_AGG_MODES",
     "AdaptiveKLController",
+    "AdvantageConfig",
     "DPOConfig",
     "Experience",
     "FixedKLController",
@@ -58,8 +69,10 @@ __all__ = [
     "agg_normaliser",
     "clipped_surrogate",
     "combined_policy_loss",
+    "compute_advantages",
     "compute_gae",
     "critic_loss",
+    "discounted_returns",
     "dpo_loss",
     "entropy_from_logits",
     "explained_variance",
@@ -76,9 +89,12 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "pairwise_loss",
+    "passk_advantages",
     "policy_loss",
     "ppo_experience",
+    "reinforce_pp_advantages",
     "remax_advantages",
+    "rloo_advantages",
     "sequence_log_ratio",
     "sequence_logps",
     "sft_loss",
