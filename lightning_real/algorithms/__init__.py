@@ -16,6 +16,14 @@ from lightning_real.algorithms.advantages import (
 )
 from lightning_real.algorithms.aggregation import LOSS_AGG_MODES, agg_loss, agg_norm_key, agg_normaliser
 from lightning_real.algorithms.correction import tis_metrics, tis_weights
+from lightning_real.algorithms.dapo import (
+    DAPOConfig,
+    concat_rows,
+    keep_groups,
+    overlong_penalty,
+    refill_groups,
+    select_rows,
+)
 from lightning_real.algorithms.dpo import DPOConfig, dpo_loss, sequence_logps
 from lightning_real.algorithms.grpo import GRPOConfig, group_advantages, grpo_loss, grpo_metrics
 from lightning_real.algorithms.gspo import gspo_loss, sequence_log_ratio
@@ -56,6 +64,7 @@ __all__ = [
     "LOSS_AGG_MODES",
     "AdaptiveKLController",
     "AdvantageConfig",
+    "DAPOConfig",
     "DPOConfig",
     "Experience",
     "FixedKLController",
@@ -71,6 +80,7 @@ __all__ = [
     "combined_policy_loss",
     "compute_advantages",
     "compute_gae",
+    "concat_rows",
     "critic_loss",
     "discounted_returns",
     "dpo_loss",
@@ -80,6 +90,7 @@ __all__ = [
     "grpo_loss",
     "grpo_metrics",
     "gspo_loss",
+    "keep_groups",
     "kl_controller",
     "kl_loss",
     "kl_per_token",
@@ -88,13 +99,16 @@ __all__ = [
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "overlong_penalty",
     "pairwise_loss",
     "passk_advantages",
     "policy_loss",
     "ppo_experience",
+    "refill_groups",
     "reinforce_pp_advantages",
     "remax_advantages",
     "rloo_advantages",
+    "select_rows",
     "sequence_log_ratio",
     "sequence_logps",
     "sft_loss",
