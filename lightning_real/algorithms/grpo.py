@@ -6,17 +6,25 @@ it), the same for all its tokens. The loss is PPO's clipped surrogate plus ``bet
 k3 estimate of KL(policy || reference) per token, averaged over each response's tokens and then
 over responses (DeepSeekMath's ``1/G sum_i 1/|o_i| sum_t``). Shapes follow
 :mod:`lightning_real.algorithms.ppo`.
+
+:func:`grpo_loss` is :func:`lightning_real.algorithms.policy.combined_policy_loss` under
+:meth:`GRPOConfig.policy_config`. The variants are settings of
+:class:`~lightning_real.algorithms.policy.PolicyLossConfig` given to ``combined_policy_loss``:
+Dr. GRPO (``scale_by_std=False`` here, ``loss_agg='seq-mean-token-sum-norm'`` with
+``loss_agg_len`` = the generation length), DAPO's clip-higher (``clip_eps_high=0.28``) and
+token-level mean (``loss_agg='token-mean'``), dual clip (``dual_clip``), GSPO's sequence ratio
+(``PolicyLossConfig.gspo()``), other KL estimators and truncated importance sampling.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
 
-from lightning_real.algorithms.masked import Reduction, masked_mean, reduce
-from lightning_real.algorithms.ppo import kl_per_token
+from lightning_real.algorithms.masked import Reduction
+from lightning_real.algorithms.policy import PolicyLossConfig, combined_policy_loss
 
 LOSS_AGGS: tuple[str, ...] = ("seq-mean-token-mean", "token-mean")
 
@@ -53,6 +61,21 @@ class GRPOConfig:
         if self.loss_agg not in LOSS_AGGS:
             raise ValueError(f"GRPOConfig.loss_agg={self.loss_agg!r}; allowed: {', '.join(LOSS_AGGS)}")
 
+    def policy_config(self) -> PolicyLossConfig:
+        """The actor loss these settings describe: symmetric clip, KL loss with k3 when kl_coef > 0.
+
+        The variants (clip-higher, dual clip, GSPO, the other aggregation modes, other KL
+        estimators, TIS) are :class:`~lightning_real.algorithms.policy.PolicyLossConfig` settings
+        of :func:`~lightning_real.algorithms.policy.combined_policy_loss`.
+        """
+        return PolicyLossConfig(
+            clip_eps=self.clip_eps,
+            loss_agg=self.loss_agg,
+            use_kl_loss=self.kl_coef > 0,
+            kl_loss_coef=self.kl_coef,
+            kl_loss_estimator="k3",
+        )
+
 
 def group_advantages(
     scores: torch.Tensor, group_size: int, scale_by_std: bool = True, eps: float = 1e-4
@@ -81,39 +104,21 @@ def grpo_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate plus ``kl_coef`` x k3 KL per token, aggregated as ``cfg.loss_agg``.
 
-    ``advantages`` is ``[B]`` (one per sequence) or ``[B, T]``. With ``reduction="sum"`` and
-    'seq-mean-token-mean' the result is the sum over sequences of their token means (divide by
-    the number of sequences); with 'token-mean' the masked token sum.
+    ``advantages`` is ``[B]`` (one per sequence) or ``[B, T]``. With ``reduction="sum"`` the
+    result is the numerator of ``cfg.loss_agg`` (for 'seq-mean-token-mean' the sum over
+    sequences of their token means; for 'token-mean' the masked token sum): divide by the number
+    of sequences, or of tokens for 'token-mean'. Without ``ref_logp`` (or with ``kl_coef=0``) the
+    KL term is dropped and ``actor/kl_loss`` is 0.
     """
-    m = mask.float()
-    adv = advantages.float()
-    if adv.dim() == 1:
-        adv = adv.unsqueeze(-1).expand_as(m)
-    # Per-token losses first, then the chosen aggregation.
-    log_ratio = (logp - old_logp).float()
-    ratio = torch.exp(log_ratio.clamp(-20.0, 20.0))
-    l1 = -adv * ratio
-    l2 = -adv * ratio.clamp(1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps)
-    per_tok = torch.maximum(l1, l2)
-    clipped = (l2 > l1).float()
-    kl = torch.zeros_like(per_tok)
-    if ref_logp is not None and cfg.kl_coef:
-        kl = kl_per_token(logp.float(), ref_logp.float(), "k3")
-    total = per_tok + cfg.kl_coef * kl
-
-    def agg(x: torch.Tensor) -> torch.Tensor:
-        if cfg.loss_agg == "token-mean":
-            return reduce(x, m, reduction)
-        per_seq = masked_mean(x, m, dim=-1)
-        return per_seq.mean() if reduction == "mean" else per_seq.sum()
-
-    metrics = {
-        "actor/pg_loss": agg(per_tok.detach()),
-        "actor/pg_clipfrac": agg(clipped),
-        "actor/ppo_kl": agg(-log_ratio.detach()),
-        "actor/kl_loss": agg(kl.detach()),
-    }
-    return agg(total), metrics
+    pcfg = cfg.policy_config()
+    if ref_logp is None:
+        pcfg = replace(pcfg, use_kl_loss=False)
+    loss, metrics = combined_policy_loss(
+        logp, old_logp, advantages, mask, pcfg, ref_logp, reduction=reduction
+    )
+    if "actor/kl_loss" not in metrics:
+        metrics["actor/kl_loss"] = torch.zeros_like(loss.detach())
+    return loss, metrics
 
 
 def grpo_metrics(scores: torch.Tensor, group_size: int, mask: torch.Tensor) -> dict[str, float]:

@@ -11,6 +11,9 @@ included), i.e. ``loss_mask[:, 1:]``.
 Every function is pure torch and process-group free. Losses return ``(loss, metrics)``; with
 ``reduction="sum"`` both are masked sums, to be divided by the token count of the global batch
 (what :class:`~lightning_real.models.train.TrainEngine` does), with ``"mean"`` masked means.
+The policy and value losses also take ``loss_agg`` (see
+:mod:`lightning_real.algorithms.aggregation`): with a mode other than the default 'token-mean'
+the "sum" is divided by the number of sequences instead (``agg_norm_key``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Literal
 
 import torch
 
+from lightning_real.algorithms.aggregation import LossAgg, agg_loss, check_loss_agg
 from lightning_real.algorithms.masked import (
     Reduction,
     RunningMeanStd,
@@ -32,6 +36,12 @@ from lightning_real.algorithms.masked import (
 
 KLEstimator = Literal["k1", "k2", "k3"]
 KL_ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3")
+KLLossEstimator = Literal["k1", "k2", "k3", "low_var_kl"]
+KL_LOSS_ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3", "low_var_kl")
+"""Every estimate :func:`kl_per_token` computes: the choices of the KL loss (and of the reward
+penalty outside PPOConfig, whose recipe key keeps k1, k2, k3)."""
+LOW_VAR_KL_BOUND = 10.0
+"""'low_var_kl' is k3 clamped to [-LOW_VAR_KL_BOUND, LOW_VAR_KL_BOUND] (verl's bound)."""
 TRUNCATIONS: tuple[str, ...] = ("bootstrap", "penalty")
 REWARD_SCALINGS: tuple[str, ...] = ("none", "scale", "normalize")
 
@@ -110,8 +120,15 @@ class PPOConfig:
 
 
 # ---- KL against the reference -----------------------------------------------------------------
-def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: KLEstimator = "k1") -> torch.Tensor:
-    """Estimate of KL(policy || reference) at each sampled token (Schulman's k1, k2, k3)."""
+def kl_per_token(
+    logp: torch.Tensor, ref_logp: torch.Tensor, estimator: KLLossEstimator = "k1"
+) -> torch.Tensor:
+    """Estimate of KL(policy || reference) at each sampled token (Schulman's k1, k2, k3).
+
+    With ``r = logp - ref_logp``: 'k1' ``r``, 'k2' ``r^2 / 2``, 'k3' ``exp(-r) - 1 + r``, and
+    'low_var_kl' (verl's name) k3 with ``r`` clamped to [-20, 20] and the result clamped to
+    [-10, 10], so a token far off the reference adds at most 10 (and no gradient there).
+    """
     r = logp - ref_logp
     if estimator == "k1":
         return r
@@ -120,7 +137,10 @@ def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: KLEstima
     if estimator == "k3":
         # exp(-r) - 1 + r: unbiased and never negative; clamp the exponent so one token cannot overflow.
         return torch.exp((-r).clamp(max=20.0)) - 1 + r
-    raise ValueError(f"kl estimator={estimator!r}; allowed: {', '.join(KL_ESTIMATORS)}")
+    if estimator == "low_var_kl":
+        rc = r.clamp(-20.0, 20.0)
+        return (torch.exp(-rc) - 1 + rc).clamp(-LOW_VAR_KL_BOUND, LOW_VAR_KL_BOUND)
+    raise ValueError(f"kl estimator={estimator!r}; allowed: {', '.join(KL_LOSS_ESTIMATORS)}")
 
 
 class FixedKLController:
@@ -138,6 +158,15 @@ class AdaptiveKLController:
 
     ``value *= 1 + clip(kl / target - 1, -0.2, 0.2) * n_steps / horizon``: larger when the KL is
     above target, smaller below.
+
+    Input convention: ``kl`` is the batch mean of each sequence's *summed* per-token KL estimate
+    over its response tokens (``actor/ref_kl`` of :func:`ppo_experience`), and ``target`` is in
+    the same unit (KL per sequence, 6.0 by default as in Ziegler et al.). This is what the
+    original TRL ``PPOTrainer`` fed its controller (the mean over the batch of the per-sequence
+    sum). OpenRLHF and verl use the same update rule but feed it the mean over the batch of each
+    sequence's per-token *mean* KL (``masked_mean`` over the response tokens), so their
+    ``target`` is a KL per token: a target taken from their configs must be multiplied by the
+    typical response length to mean the same here.
     """
 
     def __init__(self, init_kl_coef: float, target: float, horizon: int) -> None:
@@ -148,7 +177,7 @@ class AdaptiveKLController:
         self.horizon = int(horizon)
 
     def update(self, current_kl: float, n_steps: int) -> None:
-        """Fold in the mean KL per sequence of a batch of ``n_steps`` sequences."""
+        """Fold in the mean over a batch of ``n_steps`` sequences of each one's summed KL."""
         err = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + err * n_steps / self.horizon
 
@@ -208,7 +237,7 @@ def token_rewards(
     ref_logp: torch.Tensor,
     mask: torch.Tensor,
     kl_coef: float,
-    estimator: KLEstimator = "k1",
+    estimator: KLLossEstimator = "k1",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-action rewards ``-kl_coef * KL_t``, plus the score on each row's last action.
 
@@ -336,6 +365,37 @@ def ppo_experience(
 
 
 # ---- losses -------------------------------------------------------------------------------------
+def clipped_surrogate(
+    log_ratio: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    dual_clip: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token clipped surrogate from ``log_ratio = logp - old_logp`` (any shape).
+
+    ``loss = max(-A r, -A clip(r, 1 - clip_eps, 1 + clip_eps_high))`` with ``r = exp(log_ratio)``
+    (DAPO's clip-higher when ``clip_eps_high > clip_eps``); with ``dual_clip = c`` the loss of a
+    negative-advantage token is also capped at ``-c A`` (Ye et al. 2020). Returns ``(loss, clipped,
+    clipped_lower)``: ``clipped`` is 1 where the clipped term is the larger loss, ``clipped_lower``
+    1 where the dual-clip cap is active (verl's ``pg_clipfrac_lower``; all 0 without dual clip).
+    """
+    hi = clip_eps if clip_eps_high is None else clip_eps_high
+    ratio = torch.exp(log_ratio.float().clamp(-20.0, 20.0))
+    adv = advantages.float()
+    loss1 = -adv * ratio
+    loss2 = -adv * ratio.clamp(1.0 - clip_eps, 1.0 + hi)
+    loss = torch.maximum(loss1, loss2)
+    clipped = (loss2 > loss1).float()
+    lower = torch.zeros_like(loss)
+    if dual_clip is not None:
+        cap = -adv * dual_clip
+        neg = adv < 0
+        lower = ((loss > cap) & neg).float()
+        loss = torch.where(neg, torch.minimum(loss, cap), loss)
+    return loss, clipped, lower
+
+
 def policy_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -345,31 +405,43 @@ def policy_loss(
     clip_eps_high: float | None = None,
     dual_clip: float | None = None,
     reduction: Reduction = "mean",
+    *,
+    weights: torch.Tensor | None = None,
+    loss_agg: LossAgg = "token-mean",
+    loss_agg_len: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate ``max(-A r, -A clip(r, 1 - eps, 1 + eps_high))`` with ``r = exp(logp - old_logp)``.
 
-    With ``dual_clip = c`` the loss of a negative-advantage token is also capped at ``-c A``.
-    Metrics: ``actor/pg_loss``, ``actor/pg_clipfrac`` (share of tokens where the clipped term is
-    the larger loss), ``actor/ppo_kl`` (``old_logp - logp``, the k1 estimate of KL(old || new)).
+    With ``dual_clip = c`` the loss of a negative-advantage token is also capped at ``-c A``
+    (:func:`clipped_surrogate`). ``advantages`` is ``[B, T]`` or ``[B]`` (one per sequence).
+    ``weights`` (``[B, T]``, no gradient) multiply the per-token loss: the truncated importance
+    weights of :func:`lightning_real.algorithms.correction.tis_weights`. The token losses are
+    aggregated as ``loss_agg`` (:func:`lightning_real.algorithms.aggregation.agg_loss`; the default
+    'token-mean' is the masked mean or sum of ``reduce``). Metrics, aggregated the same way:
+    ``actor/pg_loss``, ``actor/pg_clipfrac`` (share of tokens where the clipped term is the larger
+    loss), ``actor/pg_clipfrac_lower`` (share where the dual-clip cap is active),
+    ``actor/ppo_kl`` (``old_logp - logp``, the k1 estimate of KL(old || new)).
     """
-    hi = clip_eps if clip_eps_high is None else clip_eps_high
-    log_ratio = (logp - old_logp).float()
-    ratio = torch.exp(log_ratio.clamp(-20.0, 20.0))
-    adv = advantages.float()
-    loss1 = -adv * ratio
-    loss2 = -adv * ratio.clamp(1.0 - clip_eps, 1.0 + hi)
-    loss = torch.maximum(loss1, loss2)
-    clipped = (loss2 > loss1).float()
-    if dual_clip is not None:
-        capped = torch.minimum(loss, -adv * dual_clip)
-        loss = torch.where(adv < 0, capped, loss)
+    check_loss_agg(loss_agg, loss_agg_len)
     m = mask.float()
+    adv = advantages.float()
+    if adv.dim() == 1:
+        adv = adv.unsqueeze(-1).expand_as(m)
+    log_ratio = (logp - old_logp).float()
+    loss, clipped, lower = clipped_surrogate(log_ratio, adv, clip_eps, clip_eps_high, dual_clip)
+    if weights is not None:
+        loss = loss * weights.detach().float()
+
+    def agg(x: torch.Tensor) -> torch.Tensor:
+        return agg_loss(x, m, loss_agg, reduction, loss_agg_len)
+
     metrics = {
-        "actor/pg_loss": reduce(loss.detach(), m, reduction),
-        "actor/pg_clipfrac": reduce(clipped, m, reduction),
-        "actor/ppo_kl": reduce(-log_ratio.detach(), m, reduction),
+        "actor/pg_loss": agg(loss.detach()),
+        "actor/pg_clipfrac": agg(clipped),
+        "actor/pg_clipfrac_lower": agg(lower),
+        "actor/ppo_kl": agg(-log_ratio.detach()),
     }
-    return reduce(loss, m, reduction), metrics
+    return agg(loss), metrics
 
 
 def value_loss(
@@ -379,12 +451,18 @@ def value_loss(
     mask: torch.Tensor,
     clip_eps: float | None = 0.2,
     reduction: Reduction = "mean",
+    *,
+    loss_agg: LossAgg = "token-mean",
+    loss_agg_len: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``0.5 * max((V - R)^2, (V_clipped - R)^2)`` with ``V_clipped = V_old + clip(V - V_old, ±eps)``.
 
-    ``clip_eps=None`` gives ``0.5 * (V - R)^2``. Metrics: ``critic/vf_loss``, ``critic/vf_clipfrac``
-    (share of tokens where the clipped error is the larger), ``critic/vpred_mean``.
+    ``clip_eps=None`` gives ``0.5 * (V - R)^2``. Token losses are aggregated as ``loss_agg``
+    (default 'token-mean': the masked mean or sum). Metrics, aggregated the same way:
+    ``critic/vf_loss``, ``critic/vf_clipfrac`` (share of tokens where the clipped error is the
+    larger), ``critic/vpred_mean``.
     """
+    check_loss_agg(loss_agg, loss_agg_len)
     v = values.float()
     err = (v - returns.float()) ** 2
     if clip_eps is None:
@@ -396,12 +474,16 @@ def value_loss(
         loss = 0.5 * torch.maximum(err, err_c)
         clipped = (err_c > err).float()
     m = mask.float()
+
+    def agg(x: torch.Tensor) -> torch.Tensor:
+        return agg_loss(x, m, loss_agg, reduction, loss_agg_len)
+
     metrics = {
-        "critic/vf_loss": reduce(loss.detach(), m, reduction),
-        "critic/vf_clipfrac": reduce(clipped, m, reduction),
-        "critic/vpred_mean": reduce(v.detach(), m, reduction),
+        "critic/vf_loss": agg(loss.detach()),
+        "critic/vf_clipfrac": agg(clipped),
+        "critic/vpred_mean": agg(v.detach()),
     }
-    return reduce(loss, m, reduction), metrics
+    return agg(loss), metrics
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:

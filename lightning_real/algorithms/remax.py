@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_real.algorithms.ppo import KLEstimator, token_rewards
+from lightning_real.algorithms.ppo import KLLossEstimator, token_rewards
 
 
 def remax_advantages(
@@ -22,7 +22,7 @@ def remax_advantages(
     logp: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
     kl_coef: float = 0.0,
-    estimator: KLEstimator = "k1",
+    estimator: KLLossEstimator = "k1",
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Advantages ``[B, T]``: rewards-to-go of (KL penalty + baseline-subtracted score).
 

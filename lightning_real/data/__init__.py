@@ -31,6 +31,13 @@ _LAZY = {
     "reward_fn": "lightning_real.data.task",
     "score_sequences": "lightning_real.data.task",
     "asset": "lightning_real.data.task",
+    "RewardFn": "lightning_real.data.verifiable",
+    "VerifiableReward": "lightning_real.data.verifiable",
+    "load_reward_fn": "lightning_real.data.verifiable",
+    "read_ground_truth": "lightning_real.data.verifiable",
+    "extract_answer": "lightning_real.data.arithmetic",
+    "exact_match": "lightning_real.data.arithmetic",
+    "write_arithmetic": "lightning_real.data.arithmetic",
 }
 
 __all__ = sorted(_LAZY)
