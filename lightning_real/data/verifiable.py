@@ -54,7 +54,8 @@ def load_reward_fn(spec: str) -> RewardFn:
             f"reward function {spec!r}: {attr!r} is a {type(obj).__name__}, not callable; "
             "it must be fn(prompt, response, ground_truth) -> float"
         )
-    return obj
+    fn: RewardFn = obj
+    return fn
 
 
 def resolve_reward_fn(fn: str | RewardFn) -> RewardFn:
