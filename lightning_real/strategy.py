@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from typing_extensions import override
 
@@ -26,7 +27,7 @@ from lightning_real.checkpoint.rng import rng_states, set_rng_states
 from lightning_real.checkpoint.sharded import load_sharded, remove_folder, save_sharded
 from lightning_real.data.position import EpochPositionLoader
 from lightning_real.distributed.groups import GroupRegistry
-from lightning_real.features import REFERENCE, RuntimeFeatures, precision_of
+from lightning_real.features import RuntimeFeatures, precision_of
 from lightning_real.layout import Layout
 from lightning_real.loggers import finish_wandb_runs
 from lightning_real.plans import Plan
@@ -93,7 +94,8 @@ class RealStrategy(DDPStrategy):
         self.plan: dict[str, Layout] = {}
         self.microbatches: dict[str, int] = {}
         """Microbatches per data-parallel replica of every call (the plan's, else the graph's)."""
-        self.features: RuntimeFeatures = features or REFERENCE
+        self.features: RuntimeFeatures = features or RuntimeFeatures()
+        self._trainer_precision: str | None = None
         """The features the runtime runs (resolved at setup, with the Trainer's precision)."""
         self.node_size: int = 1
         """Devices per node the runtime and the planner use (resolved at setup)."""
@@ -117,17 +119,35 @@ class RealStrategy(DDPStrategy):
 
     @override
     def setup(self, trainer: Any) -> None:
+        # The runtime runs the Trainer's precision itself (bf16 shards, fp32 masters); Lightning's
+        # plugin would also autocast the training step or cast the module, so it is replaced by
+        # the plain one once its name is read.
+        self.features = self.resolve_features()
+        self.precision_plugin = Precision()
         super().setup(trainer)
         self._setup_real()
 
     def resolve_features(self) -> RuntimeFeatures:
-        """The features given, with the Trainer's precision."""
+        """The features given, with the Trainer's precision (``Trainer(precision=...)``).
+
+        The Trainer's default ('32-true') leaves the precision of ``features`` as it is; two
+        different non-default precisions are an error naming both.
+        """
         from dataclasses import replace
 
-        base = self.features_arg or REFERENCE
-        plugin = getattr(self, "precision_plugin", None)
-        name = getattr(plugin, "precision", None) if plugin is not None else None
-        return replace(base, precision=precision_of(name)) if name is not None else base  # type: ignore[arg-type]
+        if self._trainer_precision is None:
+            plugin = self._precision_plugin
+            self._trainer_precision = precision_of(getattr(plugin, "precision", None) if plugin else None)
+        base = self.features_arg or RuntimeFeatures()
+        given = self._trainer_precision
+        if given == "32-true" or given == base.precision:
+            return base
+        if base.precision != "32-true":
+            raise ValueError(
+                f"Trainer(precision={given!r}) and RealStrategy(features=...precision={base.precision!r}) "
+                "disagree; give one of them"
+            )
+        return replace(base, precision=given)  # type: ignore[arg-type]
 
     def _setup_real(self) -> None:
         from lightning_real.planner.auto import search_plan
@@ -136,7 +156,6 @@ class RealStrategy(DDPStrategy):
 
         module = self._module
         world = self.world_size
-        self.features = self.resolve_features()
         self.node_size = node_size(self.gpus_per_node, len(self.parallel_devices or ()) or world)
         self.registry = GroupRegistry(backend=self.process_group_backend)
         # batch rows always travel over gloo (small tensors; tags let producers send early)

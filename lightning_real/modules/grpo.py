@@ -104,7 +104,7 @@ class GRPOModule(RolloutModule):
             return None
         # 'seq-mean-token-mean' sums per-sequence means: normalise by the number of sequences.
         norm = "action_mask" if self.grpo.loss_agg == "token-mean" else None
-        return Training(self._loss, self.actor_optim, norm_key=norm)
+        return Training(self._loss, self.actor_optim, norm_key=norm, packable=norm is not None)
 
     def real_calls(self, ctx: RuntimeContext) -> dict[str, CallFn]:
 

@@ -124,13 +124,14 @@ class PPOModule(RolloutModule):
 
     # ---- the calls on every rank ------------------------------------------------------------------
     def real_calls(self, ctx: RuntimeContext) -> dict[str, CallFn]:
+        budget = ctx.features.token_budget
         self.controllers = {c: kl_controller(self.ppo) for c in ("actor_train", "critic_train")}
         self.normalizers = {c: RunningMeanStd() for c in ("actor_train", "critic_train")}
         fns = {
             "actor_gen": generate_call(ctx.generator("actor_gen"), self.generation, self.seed_of_step),
-            "ref_inf": logprob_call(ctx.microbatches("ref_inf")),
-            "rew_inf": reward_call(self.reward_rule, ctx.microbatches("rew_inf")),
-            "critic_inf": value_call(ctx.microbatches("critic_inf")),
+            "ref_inf": logprob_call(ctx.microbatches("ref_inf"), budget),
+            "rew_inf": reward_call(self.reward_rule, ctx.microbatches("rew_inf"), token_budget=budget),
+            "critic_inf": value_call(ctx.microbatches("critic_inf"), budget),
             "actor_train": self._train_call("actor_train", "actor"),
             "critic_train": self._train_call("critic_train", "critic"),
         }
