@@ -13,12 +13,12 @@ The module imports nothing heavy, so the planner's command line starts fast.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Literal, get_args
+from typing import Literal, cast, get_args
 
 Precision = Literal["32-true", "bf16-mixed", "bf16-true"]
 Optimizer = Literal["auto", "replicated", "distributed"]
 Attention = Literal["local", "sdpa"]
-Recompute = Literal["none", "selective", "full"]
+Recompute = Literal["none", "selective", "full", "auto"]
 GenerationBackend = Literal["native", "vllm"]
 
 PRECISIONS: tuple[str, ...] = get_args(Precision)
@@ -60,8 +60,9 @@ class RuntimeFeatures:
     attention, which materialises the scores)."""
     recompute: Recompute = "none"
     """Activation recomputation of train calls: 'none', 'selective' (the attention core, as
-    megatron-core's selective recompute) or 'full' (every layer's activations, recomputed in
-    backward). A plan may choose it per call."""
+    megatron-core's selective recompute), 'full' (every layer's activations, recomputed in
+    backward), or 'auto' (the plan chooses per train call; the planner searches it, a hand plan
+    without a choice means none)."""
     generation_backend: GenerationBackend = "native"
     """Engine of generate calls: 'native' (this package's generator: any tp/pp, the same tokens
     under any split) or 'vllm' (vLLM in this process, one engine per data-parallel replica)."""
@@ -105,6 +106,18 @@ class RuntimeFeatures:
             v = getattr(self, f"{role}_precision")
             if v is not None and v not in PRECISIONS:
                 raise FeatureError(f"{role}_precision={v!r}; allowed: null, {', '.join(PRECISIONS)}")
+
+    def for_call(self, role: str, call_type: str, recompute: str | None = None) -> RuntimeFeatures:
+        """The features one call runs with: its role's precision, and recomputation only in train
+        calls (``recompute``: the plan's choice when the features leave it to the plan)."""
+        chosen: Recompute = self.recompute
+        if call_type != "train":
+            chosen = "none"
+        elif chosen == "auto":
+            if recompute not in (None, "none", "selective", "full"):
+                raise FeatureError(f"recompute={recompute!r}; allowed: none, selective, full")
+            chosen = cast(Recompute, recompute or "none")
+        return replace(self.for_role(role), recompute=chosen)
 
     def for_role(self, role: str) -> RuntimeFeatures:
         """The features of one role's models: its precision, with no per-role overrides left."""

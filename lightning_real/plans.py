@@ -45,6 +45,9 @@ class Plan:
     """Call name -> microbatches per data-parallel replica; calls left out keep the graph's ``n_mbs``."""
     name: str = field(default="plan", compare=False)
     """Label for logs and reports ('symmetric', 'search', a file name, ...)."""
+    recompute: Mapping[str, str] = field(default_factory=dict)
+    """Train call name -> activation recomputation ('none', 'selective', 'full'), used when the
+    runtime features leave it to the plan (``recompute: auto``); calls left out: none."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.layouts, Mapping) or not self.layouts:
@@ -66,8 +69,18 @@ class Plan:
             if not isinstance(m, int) or isinstance(m, bool) or m < 1:
                 raise PlanError(f"plan {self.name}: microbatches of {call} = {m!r}; allowed: an integer >= 1")
             mbs[str(call)] = m
+        rc: dict[str, str] = {}
+        for call, v in dict(self.recompute or {}).items():
+            if call not in lays:
+                raise PlanError(f"plan {self.name}: recompute names {call!r}, which has no layout")
+            if v not in ("none", "selective", "full"):
+                raise PlanError(
+                    f"plan {self.name}: recompute of {call} = {v!r}; allowed: none, selective, full"
+                )
+            rc[str(call)] = str(v)
         object.__setattr__(self, "layouts", lays)
         object.__setattr__(self, "microbatches", mbs)
+        object.__setattr__(self, "recompute", rc)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], name: str = "plan") -> Plan:
@@ -79,11 +92,16 @@ class Plan:
         if "plan" in data and isinstance(data["plan"], Mapping):
             data = data["plan"]
         if "layouts" in data:
-            extra = sorted(set(data) - {"layouts", "microbatches", "name", *PLANNER_REPORT_KEYS})
+            extra = sorted(set(data) - {"layouts", "microbatches", "recompute", "name", *PLANNER_REPORT_KEYS})
             if extra:
-                raise PlanError(f"plan {name}: unknown sections {extra}; allowed: layouts, microbatches")
+                raise PlanError(
+                    f"plan {name}: unknown sections {extra}; allowed: layouts, microbatches, recompute"
+                )
             return cls(
-                dict(data["layouts"]), dict(data.get("microbatches") or {}), str(data.get("name", name))
+                dict(data["layouts"]),
+                dict(data.get("microbatches") or {}),
+                str(data.get("name", name)),
+                dict(data.get("recompute") or {}),
             )
         return cls(dict(data), {}, name)
 
@@ -106,6 +124,8 @@ class Plan:
         out: dict[str, Any] = {"layouts": {k: str(v) for k, v in self.layouts.items()}}
         if self.microbatches:
             out["microbatches"] = dict(self.microbatches)
+        if self.recompute:
+            out["recompute"] = dict(self.recompute)
         return out
 
     def to_yaml(self, path: str | Path) -> None:
@@ -124,7 +144,7 @@ class Plan:
 
     def with_name(self, name: str) -> Plan:
         """The same plan under another label."""
-        return Plan(dict(self.layouts), dict(self.microbatches), name)
+        return Plan(dict(self.layouts), dict(self.microbatches), name, dict(self.recompute))
 
     def __str__(self) -> str:
         return f"{self.name}: " + ", ".join(f"{k}={v}" for k, v in self.layouts.items())
@@ -262,4 +282,7 @@ def check_plan(
             )
         layouts[c.name] = lay
         mbs[c.name] = m
-    return Plan(layouts, mbs, plan.name)
+    for call in plan.recompute:
+        if graph.call(call).call_type != "train":
+            raise PlanError(f"plan {plan.name}: recompute names {call}, which is not a train call")
+    return Plan(layouts, mbs, plan.name, dict(plan.recompute))

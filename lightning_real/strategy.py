@@ -190,7 +190,7 @@ class RealStrategy(DDPStrategy):
             self.global_rank,
             tracer=self.tracer,
             device=self.root_device,
-            release=runtime.pool.release,
+            release=runtime.after_call,
             data_group=self.data_group,
         )
 

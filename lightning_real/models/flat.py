@@ -113,15 +113,29 @@ class FlatBuffers:
 
     # ---- gradients ----------------------------------------------------------------------------
     def attach_grads(self) -> None:
-        """Zero the main gradients; parameters whose dtype matches accumulate straight into them."""
+        """Zero the main gradients (giving them their memory back after :meth:`release_grads`);
+        parameters whose dtype matches accumulate straight into them."""
+        storage = self.grads.untyped_storage()
+        if storage.nbytes() == 0:
+            storage.resize_(self.numel * self.grads.element_size())
         self.grads.zero_()
         for slot in self.slots:
             slot.param.grad = slot.param.main_grad if self._aliased else None  # type: ignore[attr-defined]
 
     def detach_grads(self) -> None:
-        """Drop the gradients' memory until the next step (the buffer stays allocated)."""
+        """Take the gradients off the parameters (the buffer keeps its memory)."""
         for slot in self.slots:
             slot.param.grad = None
+
+    def release_grads(self) -> int:
+        """Free the main-gradient buffer's memory until the next :meth:`attach_grads` (between a
+        model's train calls the gradients are not needed); the bytes freed. Views of the buffer
+        stay valid: the storage is resized, not replaced."""
+        self.detach_grads()
+        storage = self.grads.untyped_storage()
+        freed = storage.nbytes()
+        storage.resize_(0)
+        return freed
 
     @torch.no_grad()
     def reduce(self, tied: list[Slot]) -> None:

@@ -186,6 +186,11 @@ class TrainEngine:
         """Learning rate the next step uses."""
         return lr_at(self.config.optim, self.steps)
 
+    def release_grads(self) -> int:
+        """Free the gradient buffer until the next step; the bytes freed (the runtime calls it
+        after each train call: between calls a model's gradients only take memory)."""
+        return self.flat.release_grads() if self.flat is not None else 0
+
     def zero_grad(self) -> None:
         """Drop the gradients from the parameters (the flat gradient buffer stays allocated)."""
         if self.flat is not None:

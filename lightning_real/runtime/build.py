@@ -22,6 +22,7 @@ import torch
 from lightning_real.dataflow import DataflowGraph
 from lightning_real.distributed.groups import GroupRegistry
 from lightning_real.features import FeatureError, RuntimeFeatures
+from lightning_real.layout import Layout
 from lightning_real.models.build import BuildOptions
 from lightning_real.models.shard import ModelShard
 from lightning_real.models.source import load_shard
@@ -79,6 +80,14 @@ class RuntimeContext:
         """Microbatches per data-parallel replica of ``call`` (the plan's, else the graph's)."""
         return self.plan.n_mbs(self.graph, call)
 
+    def after_call(self, role: str, layout: Layout) -> None:
+        """What follows a call of ``role`` on ``layout``: its moved copy is dropped, and after a
+        train call at home the gradient buffer is freed (the planner prices it as transient)."""
+        self.pool.release(role, layout)
+        engine = self.engines.get(role)
+        if engine is not None and layout == engine.shard.layout:
+            engine.release_grads()
+
     def generator(self, call: str) -> Generator:
         """The engine of generate call ``call``."""
         if call not in self.generators:
@@ -113,7 +122,8 @@ def build_options(features: RuntimeFeatures, trained: bool) -> BuildOptions:
     """How a role's models are built under ``features`` (already the role's own, ``for_role``):
     the working dtype, the attention kernel, and recomputation for a trained role's home copy."""
     dtype = torch.float32 if features.precision == "32-true" else torch.bfloat16
-    return BuildOptions(dtype, features.attention, features.recompute if trained else "none")
+    recompute = features.recompute if trained and features.recompute != "auto" else "none"
+    return BuildOptions(dtype, features.attention, recompute)
 
 
 def train_config(
@@ -158,7 +168,11 @@ def build_runtime(
         home_call = homes[decl.role]
         layout = plan.layouts[home_call]
         groups = registry.for_layout(layout)
-        features = config.features.for_role(decl.role)
+        # The home call's features: its role's precision, and for a train call the recomputation
+        # the features or (when they leave it to the plan) the plan chose.
+        features = config.features.for_call(
+            decl.role, graph.call(home_call).call_type, plan.recompute.get(home_call)
+        )
         options = build_options(features, decl.trained)
         home = load_shard(decl.source, decl.spec, groups, decl.seed, decl.init_value_head, options)
         # Moved copies serve generation and inference: the working dtype, no recomputation.
@@ -174,7 +188,10 @@ def build_runtime(
             home.module.eval().requires_grad_(False)
     for c in graph.calls:
         if c.call_type == "generate":
-            ctx.generators[c.name] = make_generator(config.features.generation_backend)
+            rounds = plan.n_mbs(graph, c.name)
+            ctx.generators[c.name] = make_generator(
+                config.features.for_role(c.role).generation_backend, rounds
+            )
     missing = [r for r in homes if r not in ctx.pool.models and r in trained]
     if missing:
         raise ValueError(f"the graph trains roles {missing} that the module does not declare")
