@@ -84,6 +84,8 @@ class RealStrategy(DDPStrategy):
         super().__init__(**kwargs)
         if gpus_per_node is not None:
             node_size(gpus_per_node, 1)  # checked now, not after the processes started
+        self.resolved_plan: Plan | None = None
+        """The checked plan being run (after setup)."""
         self.plan_arg = plan
         self.gpus_per_node = gpus_per_node
         self.features_arg = features
@@ -117,6 +119,9 @@ class RealStrategy(DDPStrategy):
 
     @override
     def setup(self, trainer: Any) -> None:
+        from lightning_real.display import replace_default_callbacks
+
+        replace_default_callbacks(trainer)  # the role summary and an iteration bar
         super().setup(trainer)
         self._setup_real()
 
@@ -152,6 +157,7 @@ class RealStrategy(DDPStrategy):
                 graph, specs, self.features, world, self.node_size, steps=self.search_steps
             ),
         )
+        self.resolved_plan = plan
         self.plan = dict(plan.layouts)
         self.microbatches = dict(plan.microbatches)
         calls = graph.topological_order()
