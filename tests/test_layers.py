@@ -34,6 +34,7 @@ LAYERS: dict[str, int] = {
     "module": 5,
     "modules": 5,
     "strategy": 5,
+    "launcher": 5,
     "summary": 5,
     "progress": 5,
     "display": 5,

@@ -114,6 +114,9 @@ class StrategyConfig:
     node are preferred); null: torchrun's LOCAL_WORLD_SIZE, else trainer.devices."""
     trace: bool = False
     """Write a Chrome trace of every logged step to output_dir/traces."""
+    timeout_s: float | None = None
+    """Seconds any collective may wait for the other ranks (every process group of the run); a
+    rank that died or stopped answering fails the run within this; null: 300 on CPU, 1800 on GPU."""
 
 
 @dataclass(frozen=True)

@@ -95,6 +95,7 @@ def make_trainer(recipe: Recipe, world: World, start_method: str) -> Trainer:
         features=features,
         trace_dir=str(Path(t.output_dir) / "traces") if s.trace else None,
         search_steps=s.search_steps,
+        timeout_s=s.timeout_s,
         start_method=start_method,
     )
     try:

@@ -146,6 +146,11 @@ def check_counts(recipe: Recipe) -> None:
     _at_least("strategy.search_steps", recipe.strategy.search_steps, 1)
     if recipe.strategy.gpus_per_node is not None:
         _at_least("strategy.gpus_per_node", recipe.strategy.gpus_per_node, 1)
+    timeout = recipe.strategy.timeout_s
+    if timeout is not None and not timeout > 0:
+        raise RecipeError(
+            f"key 'strategy.timeout_s': {timeout} is not allowed; allowed: a number of seconds > 0, or null"
+        )
     use = USES[recipe.algorithm]
     if isinstance(recipe.n_mbs, Mapping):
         if recipe.algorithm in ("sft", "rw"):

@@ -82,7 +82,9 @@ class Executor:
             layout = self.plan[call.name]
             c = layout.coords(self.rank)
             inputs = self._receive_inputs(ci, call, layout, origin, held)
-            with self.tracer.span(f"realloc:{call.role}", kind="realloc") as info:
+            with self.tracer.span(
+                f"realloc:{call.role}", kind="realloc", label=f"realloc of {call.role} for {call.name}"
+            ) as info:
                 shard, info["nbytes"] = self.move(call.role, layout)
             outputs: dict[str, torch.Tensor] = {}
             if c is not None:
@@ -146,7 +148,7 @@ class Executor:
                 continue
             src = self.plan[self.calls[pi].name]
             mine = {k: held[k] for k in keys} if src.coords(self.rank) is not None else None
-            with self.tracer.span(f"data:{call.name}", kind="data"):
+            with self.tracer.span(f"data:{call.name}", kind="data", label=f"rows for {call.name}"):
                 got = receive(
                     sorted(keys),
                     mine,
