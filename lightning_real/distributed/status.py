@@ -214,12 +214,20 @@ def describe_failure(
     return f"{here}; {'; '.join(parts)}"
 
 
-def exit_codes(procs: Mapping[int, object]) -> Callable[[int], int | None]:
-    """``exit_code(rank)`` for child processes this process started (``{rank: Popen}``)."""
+def exit_codes(procs: Mapping[int, object], wait_s: float = 1.0) -> Callable[[int], int | None]:
+    """``exit_code(rank)`` for child processes this process started (``{rank: Popen}``).
+
+    ``Popen.poll`` answers None while another thread (the launcher's watch) polls the same
+    child, so an ended child is asked again for up to ``wait_s``.
+    """
 
     def code(rank: int) -> int | None:
-        proc = procs.get(rank)
-        poll = getattr(proc, "poll", None)
-        return poll() if poll is not None else None
+        poll = getattr(procs.get(rank), "poll", None)
+        if poll is None:
+            return None
+        deadline = time.time() + wait_s
+        while (result := poll()) is None and time.time() < deadline:
+            time.sleep(0.05)
+        return result if isinstance(result, int) else None
 
     return code
