@@ -33,6 +33,9 @@ def apply_cpu_compat() -> None:
     global _applied
     if _applied or has_cuda():
         return
+    from lightning_real.quiet import quiet_cpu_advice
+
+    quiet_cpu_advice()  # megatron's CUDA_DEVICE_MAX_CONNECTIONS advice cannot apply to a CPU
     # megatron-core only passes the answer on as a device: "cpu" works where an index would not.
     torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment,return-value]
     torch.cuda.synchronize = lambda *a, **k: None

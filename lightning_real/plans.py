@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from lightning_real.dataflow import DataflowGraph
 from lightning_real.layout import Layout, LayoutError
@@ -31,8 +31,28 @@ PLANNER_REPORT_KEYS: tuple[str, ...] = ("cluster", "predicted_iteration_s", "bas
 """What ``lightning-real plan`` writes beside the layouts (read, not used, so its plan.yaml runs as is)."""
 
 
+PlanCause = Literal["layout", "rows", "groups", "minibatches", "microbatches"]
+"""What a :class:`PlanError` is about, so callers can name the setting at fault: ``"layout"``
+(the plan's layouts), ``"rows"`` (the batch against a layout's dp), ``"groups"`` (response
+groups against dp), ``"minibatches"`` (the call's optimizer steps per batch) or
+``"microbatches"`` (the call's microbatch count, the graph's ``n_mbs`` unless the plan gives one)."""
+
+
 class PlanError(ValueError):
-    """A plan that does not fit its graph or world: the message names the call and the problem."""
+    """A plan that does not fit its graph or world: the message names the call and the problem.
+
+    ``call`` is the call at fault (None when the plan as a whole is); ``cause`` what about it
+    (:data:`PlanCause`); ``from_plan`` whether the plan itself set the value at fault (a plan's
+    own ``microbatches:``) rather than the graph.
+    """
+
+    def __init__(
+        self, message: str, call: str | None = None, cause: PlanCause = "layout", from_plan: bool = True
+    ) -> None:
+        super().__init__(message)
+        self.call = call
+        self.cause = cause
+        self.from_plan = from_plan
 
 
 @dataclass(frozen=True)
@@ -256,29 +276,39 @@ def check_plan(
                 check_layout(specs[c.role], lay)
             lay = resolved
         except LayoutError as e:
-            raise PlanError(f"plan {plan.name}: call {c.name}: {e}") from None
+            raise PlanError(f"plan {plan.name}: call {c.name}: {e}", c.name) from None
         if c.input_rows % lay.dp or c.batch_size % lay.dp:
             raise PlanError(
                 f"plan {plan.name}: call {c.name} ({lay}): its {c.input_rows} input rows and {c.batch_size} "
-                f"sequences must both be divisible by dp={lay.dp}"
+                f"sequences must both be divisible by dp={lay.dp}",
+                c.name,
+                "rows",
             )
         per_replica = c.batch_size // lay.dp
         if per_replica % c.group_size:
             raise PlanError(
                 f"plan {plan.name}: call {c.name} ({lay}): {per_replica} sequences per replica split "
-                f"groups of {c.group_size}"
+                f"groups of {c.group_size}",
+                c.name,
+                "groups",
             )
         if per_replica % c.minibatches:
             raise PlanError(
                 f"plan {plan.name}: call {c.name} ({lay}): {per_replica} sequences per replica do not split "
-                f"into {c.minibatches} minibatches"
+                f"into {c.minibatches} minibatches",
+                c.name,
+                "minibatches",
+                from_plan=False,
             )
         m = plan.n_mbs(graph, c.name)
         step_rows = per_replica // c.minibatches
         if m > step_rows:
             raise PlanError(
                 f"plan {plan.name}: call {c.name} ({lay}): {m} microbatches exceed the {step_rows} sequences "
-                "per replica and optimizer step"
+                "per replica and optimizer step",
+                c.name,
+                "microbatches",
+                from_plan=c.name in plan.microbatches,
             )
         layouts[c.name] = lay
         mbs[c.name] = m
