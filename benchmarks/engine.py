@@ -18,7 +18,11 @@ steps for several layout x precision x optimizer cases (``PeakMemory``: glibc's 
 ``max_memory_allocated`` on CUDA), beside the planner's prediction for the same call
 (:func:`lightning_real.planner.memory.call_memory`).
 
-Run: ``python benchmarks/engine.py [--reps 3] [--world 4] [--only speed|memory] [--json out.json]``
+Packing (``--only packing``): one training step and one inference forward on 16 rows whose lengths
+spread evenly from 16 to 256 tokens, padded against packed into rows of ``--token-budget`` tokens;
+real (non-padding) tokens per second.
+
+Run: ``python benchmarks/engine.py [--reps 3] [--world 4] [--only speed|memory|packing] [--json out.json]``
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ MODELS = {
     "0.5b": ModelSpec("llama", 32000, 1024, 24, 16, 8, 2816, max_position_embeddings=2048),
 }
 TRAIN_BATCH, SEQ = 8, 256
+PACK_ROWS = 16  # lengths 16..SEQ, evenly spread
 INFER_BATCH = 16
 GEN_BATCH, GEN_PROMPT, GEN_NEW = 16, 64, 64
 OPT = OptimConfig(lr=1e-4, max_grad_norm=1.0)
@@ -250,13 +255,48 @@ def _memory(
     return {"measured": float(peak.peak), "predicted": pred.total}
 
 
+def _packing(rank: int, world: int, model: str, reps: int, budget: int) -> dict[str, Any]:
+    """Padded against packed rows on one batch whose lengths spread from 16 to ``SEQ`` tokens."""
+    spec = MODELS[model]
+    groups = GroupRegistry().for_layout(Layout(1, 1, 1, (0,)))
+    canonical = random_canonical(spec, seed=0)
+    lengths = torch.linspace(16, SEQ, PACK_ROWS).round().long()
+    ids = _ids(PACK_ROWS, SEQ, spec.vocab_size, 4)
+    mask = (torch.arange(SEQ)[None, :] < lengths[:, None]).long()
+    batch = {"input_ids": ids * mask, "attention_mask": mask}
+    real = float(lengths.sum())
+    out: dict[str, Any] = {"rows": PACK_ROWS, "real_tokens": real, "padded_tokens": float(PACK_ROWS * SEQ)}
+    engines = {}
+    for name, tb in (("padded", None), ("packed", budget)):
+        shard = ModelShard.from_canonical(spec, groups, canonical, BuildOptions(attention="sdpa"))
+        engines[name] = (
+            shard,
+            TrainEngine(shard, _sft_loss(groups.tp), TrainConfig(optim=OPT, norm_key=None, token_budget=tb)),
+            tb,
+        )
+    for shard, engine, tb in engines.values():  # warm-up
+        engine.step(batch)
+        forward_logprobs(shard, batch["input_ids"], mask, token_budget=tb)
+    times: dict[str, list[float]] = {f"{k}_{c}": [] for k in engines for c in ("train", "inference")}
+    for _ in range(reps):
+        for name, (shard, engine, tb) in engines.items():
+            times[f"{name}_train"].append(_timed(lambda e=engine: e.step(batch)))
+            times[f"{name}_inference"].append(
+                _timed(lambda s=shard, t=tb: forward_logprobs(s, batch["input_ids"], mask, token_budget=t))
+            )
+    for key, ts in times.items():
+        out[key] = {"s": ts, "real_tok_s": real / min(ts)}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="bench", choices=sorted(MODELS))
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--world", type=int, default=4, help="processes of the multi-process run (default 4)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the one-process run (default 2)")
-    ap.add_argument("--only", choices=("speed", "memory"), default=None)
+    ap.add_argument("--only", choices=("speed", "memory", "packing"), default=None)
+    ap.add_argument("--token-budget", type=int, default=512, help="packed row length of the packing run")
     ap.add_argument("--precision", default="32-true", choices=("32-true", "bf16-mixed"))
     ap.add_argument(
         "--worlds", default=None, help="comma-separated process counts of the speed runs (default 1,WORLD)"
@@ -317,6 +357,20 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {measured / predicted:.2f} |"
             )
         report["memory"] = rows
+    if args.only in (None, "packing"):
+        res = spawn(
+            _packing, 1, args.model, args.reps, args.token_budget, threads=args.threads, timeout_s=1800
+        )[0]
+        report["packing"] = res
+        print(
+            f"\npacking: {res['rows']} rows of 16-{SEQ} tokens ({res['real_tokens']:.0f} real of "
+            f"{res['padded_tokens']:.0f} padded), token budget {args.token_budget}"
+        )
+        print("| call | padded (real tokens/s) | packed (real tokens/s) | packed / padded |")
+        print("|---|---|---|---|")
+        for call in ("train", "inference"):
+            a, b = res[f"padded_{call}"]["real_tok_s"], res[f"packed_{call}"]["real_tok_s"]
+            print(f"| {call} | {a:.0f} | {b:.0f} | {b / a:.2f}x |")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=str))
     return 0

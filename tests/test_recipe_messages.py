@@ -14,8 +14,11 @@ process is launched, nothing is written).
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -82,13 +85,37 @@ def test_a_rejected_long_prompt_names_the_length_keys(
     assert "data.max_prompt_len=24 tokens and data.truncation='reject' drops them" in msg
 
 
+@pytest.fixture
+def lightning_info_to_stderr(capfd: pytest.CaptureFixture[str]) -> Iterator[None]:
+    """Lightning's info lines reach this test's stderr: its logger's handler holds the stream it
+    found when ``lightning.pytorch`` was first imported, which pytest may have replaced since
+    (the order of earlier tests decides); a fresh handler on the stream ``capfd`` reads, for this
+    test only."""
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    handler = logging.StreamHandler(sys.stderr)
+    old = (logger.level, logger.propagate)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old[0])
+        logger.propagate = old[1]
+
+
+@pytest.mark.usefixtures("lightning_info_to_stderr")
 def test_rows_cut_to_the_limit_are_counted(capfd: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     rows = tmp_path / "mixed.jsonl"
     good = PROMPTS.read_text().splitlines()[:11]
     rows.write_text("\n".join([*good, json.dumps({"prompt": "b" * 3000})]) + "\n")
     code, out, err = _run(capfd, "ppo.yaml", f"data.train={rows}", "data.batch_size=4", "plan=symmetric")
     assert code == 0, err
-    assert "1 of 12 rows are longer than max_prompt_len=24 tokens: 1 cut (truncation='left')" in out + err
+    assert "1 of 12 rows are longer than max_prompt_len=24 tokens: 1 cut (truncation='left')" in out + err, (
+        out,
+        err,
+    )
     assert "Token indices sequence length" not in out + err
     assert "ppo, plan symmetric, 12 training rows" in out
 

@@ -152,7 +152,7 @@ class FlatBuffers:
             self.grads /= dp
             return
         shard = torch.empty_like(self.grad_shard())
-        dist.reduce_scatter_tensor(shard, self.grads, group=g.dp)
+        _reduce_scatter(shard, self.grads, group=g.dp)
         self.grad_shard().copy_(shard).div_(dp)
 
     @torch.no_grad()
@@ -160,7 +160,13 @@ class FlatBuffers:
         """Every replica's updated shard into every replica's parameter buffer (split only)."""
         if self.shards == 1:
             return
-        dist.all_gather_into_tensor(self.params, self.param_shard().clone(), group=self.groups.dp)
+        _all_gather(self.params, self.param_shard().clone(), group=self.groups.dp)
+
+
+# torch 2.13 renames the flat collectives (``*_single``) and warns on the old names; older
+# releases (the GPU machine's 2.11) have only the old ones.
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def _accumulate(p: torch.Tensor) -> None:
