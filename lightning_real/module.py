@@ -156,11 +156,26 @@ class RLHFModule(LightningModule):
         return state
 
     def load_real_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`real_state_dict`."""
+        """Restore :meth:`real_state_dict` (saved on this rank's layout positions)."""
         for role, engine in self.engines.items():
             self.load_shard_state_dict(role, state[role])
             engine.load_state_dict(state[f"{role}_optim"])
         self.load_extra_state(state.get("extra", {}))
+
+    def trained_specs(self) -> dict[str, ModelSpec]:
+        """The model spec of each trained role (after setup)."""
+        return {role: engine.shard.spec for role, engine in self.engines.items()}
+
+    def load_resharded_state_dict(self, states: list[dict[str, Any]], where: str) -> None:
+        """Restore :meth:`real_state_dict` of every rank of a run under another plan or world
+        size (``states[r]``: rank r's): each trained role reassembled in canonical coordinates
+        and sliced onto this rank's layout positions (:mod:`lightning_real.checkpoint.canonical`)."""
+        from lightning_real.checkpoint.canonical import assemble, load_canonical
+
+        for role, engine in self.engines.items():
+            saved = [(s.get(role, {}), s.get(f"{role}_optim", {})) for s in states]
+            load_canonical(engine, assemble(engine.shard.spec, role, saved, where))
+        self.load_extra_state(states[0].get("extra", {}))
 
     def save_hf(self, role: str, folder: str | Path, copy_files_from: str | Path | None = None) -> Path:
         """Write ``role``'s model as an HF checkpoint folder that transformers loads.

@@ -31,7 +31,8 @@ from lightning.pytorch.strategies import DDPStrategy
 from typing_extensions import override
 
 from lightning_real.checkpoint.rng import rng_states, set_rng_states
-from lightning_real.checkpoint.sharded import load_sharded, remove_folder, save_sharded
+from lightning_real.checkpoint.roles import check_roles, role_specs
+from lightning_real.checkpoint.sharded import LoadedCheckpoint, load_sharded, remove_folder, save_sharded
 from lightning_real.data.position import EpochPositionLoader
 from lightning_real.distributed.groups import GroupRegistry, collective_timeout
 from lightning_real.distributed.status import (
@@ -353,6 +354,7 @@ class RealStrategy(DDPStrategy):
         def meta() -> dict[str, Any]:
             data = {k: v for k, v in checkpoint.items() if k != "state_dict"}
             data["plan"] = self._plan_strings()
+            data["roles"] = role_specs(module.trained_specs())
             return data
 
         path = Path(filepath).absolute()
@@ -367,19 +369,52 @@ class RealStrategy(DDPStrategy):
 
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
-        """Lightning's state from ``meta.pt`` plus this rank's shard (``real_shard``, ``real_rng``)."""
-        meta, shard = load_sharded(
-            Path(checkpoint_path), self.global_rank, self.world_size, self._plan_strings()
+        """Lightning's state from ``meta.pt`` plus the model states for this rank: its own shard
+        (``real_shard``, ``real_rng``) under the checkpoint's plan and world size, every rank's
+        (``real_shards``) under another, resliced in :meth:`load_model_state_dict`."""
+        specs = self._module.trained_specs()
+        loaded = load_sharded(
+            Path(checkpoint_path),
+            self.global_rank,
+            self.world_size,
+            self._plan_strings(),
+            check_meta=lambda folder, meta: check_roles(folder, meta.get("roles"), specs),
         )
+        meta = loaded.meta
         meta["state_dict"] = {}
-        meta["real_shard"] = shard["module"]
-        meta["real_rng"] = shard["rng"]
+        if loaded.same_layout:
+            shard = loaded.shards[self.global_rank]
+            meta["real_shard"] = shard["module"]
+            meta["real_rng"] = shard["rng"]
+            return meta
+        meta["real_shards"] = [loaded.shards[r]["module"] for r in sorted(loaded.shards)]
+        meta["real_where"] = f"checkpoint {loaded.folder}"
+        if len(loaded.shards) == self.world_size:
+            meta["real_rng"] = loaded.shards[self.global_rank]["rng"]
+        self._announce_reslice(loaded)
         return meta
+
+    def _announce_reslice(self, loaded: LoadedCheckpoint) -> None:
+        """One line on rank 0: which plan and world the checkpoint came from, and the RNG's fate."""
+        from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+        saved = len(loaded.shards)
+        rng = (
+            "random states restored per rank"
+            if saved == self.world_size
+            else f"random states not restored (they are per rank; {saved} saved, {self.world_size} now)"
+        )
+        rank_zero_info(
+            f"resuming {loaded.folder.name} (plan {loaded.meta.get('plan')} on {saved} ranks) under plan "
+            f"{self._plan_strings()} on {self.world_size} ranks: models and optimizer states resliced, {rng}"
+        )
 
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         if "real_shard" in checkpoint:
             self._module.load_real_state_dict(checkpoint["real_shard"])
+        if "real_shards" in checkpoint:
+            self._module.load_resharded_state_dict(checkpoint["real_shards"], checkpoint["real_where"])
         if "real_rng" in checkpoint:
             # Restored last, after setup consumed whatever randomness building the models took.
             set_rng_states(checkpoint["real_rng"])

@@ -10,6 +10,15 @@
 * a crash while writing: at step 4, after ``step=4.ckpt``, one rank fails part-way through
   overwriting ``last.ckpt``; every rank raises, ``last.ckpt`` is still the complete step-2
   checkpoint (the resume above loads it) and no partial folder is left under a checkpoint's name.
+* resume elsewhere: the uninterrupted run's step-2 checkpoint (d1t2p2 on 4 processes) resumed
+  under another plan on 4 processes (d2t1p1 on ranks 2-3) and on 2 processes (d2t1p1): models
+  and AdamW states are reassembled in canonical coordinates and resliced (ZeRO-1 slices on the
+  new layout), the data position carries, the random states only to the same world size (they
+  are per rank; one line says which).
+  Steps 3 and 4 (the latter also reads the restored Adam moments and schedule step) must give
+  the losses of a run that never stopped, under the new plan from the same initial weights,
+  within 1e-5 relative: fp32, the layouts only sum in different orders (measured: equal at
+  the logged float32 precision).
 * export: ``save_hf("actor", folder)`` after fit loads with transformers, whose logits equal our
   sharded model's within 1e-5 (fp32; the layouts only sum in a different order, ~1e-6).
 """
@@ -34,7 +43,10 @@ from lightning_real.strategy import RealStrategy
 
 ASSETS = Path(__file__).resolve().parents[1] / "lightning_real" / "data" / "assets"
 PLAN = {"actor_train": "d1t2p2"}
+NEW_PLAN = {"actor_train": "d2t1p1"}
+NEW_PLAN_ON_4 = {"actor_train": "d2t1p1@2-3"}
 LOGITS_ATOL = 1e-5
+RESLICED_RTOL = 1e-5
 
 
 def _probe_ids() -> torch.Tensor:
@@ -88,12 +100,15 @@ def _fit(
     name: str,
     callbacks: list[Callback],
     ckpt_path: Path | None = None,
+    plan: dict[str, str] = PLAN,
+    devices: int = 4,
 ) -> list[tuple[int, float]]:
-    """(logged step, SFT loss) of each step of a 4-process fit, checkpointing every 2 steps."""
+    """(logged step, SFT loss) of each step of a fit (4 processes unless told), checkpointing
+    every 2 steps."""
     trainer = Trainer(
-        strategy=RealStrategy(plan=PLAN, start_method="spawn"),
+        strategy=RealStrategy(plan=plan, start_method="spawn"),
         accelerator="cpu",
-        devices=4,
+        devices=devices,
         max_steps=4,
         limit_train_batches=3,
         logger=CSVLogger(tmp_path, name=name),
@@ -148,6 +163,37 @@ def test_crash_during_save_keeps_the_last_checkpoint_and_resume_continues_exactl
     # Exact: the same bits in, the same operations (see the module docstring).
     assert [loss for _, loss in resumed] == [loss for _, loss in full[2:]]
     assert sorted(p.name for p in (tmp_path / "resumed-ckpt").iterdir()) == ["last.ckpt", "step=4.ckpt"]
+
+
+@pytest.fixture(scope="module")
+def never_stopped_under_the_new_plan(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[int, float]]:
+    # d2t1p1 computes the same on 2 processes as on ranks 2-3 of 4: one reference serves both.
+    return _fit(tmp_path_factory.mktemp("new-plan"), "new", [], plan=NEW_PLAN, devices=2)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize(
+    "plan,devices", [(NEW_PLAN_ON_4, 4), (NEW_PLAN, 2)], ids=["d1t2p2-to-d2t1p1-on-4", "4-to-2-processes"]
+)
+def test_resume_under_another_plan_or_world_size_continues_as_if_never_stopped(
+    tmp_path, capfd, uninterrupted, never_stopped_under_the_new_plan, plan, devices
+):
+    saved = uninterrupted["tmp"] / "full-ckpt" / "step=2.ckpt"
+    resumed = _fit(tmp_path, "elsewhere", [], ckpt_path=saved, plan=plan, devices=devices)
+    reference = never_stopped_under_the_new_plan
+    assert len(resumed) == 2 and [s for s, _ in resumed] == [s for s, _ in reference[2:]]
+    for (_, got), (_, want), (_, old) in zip(resumed, reference[2:], uninterrupted["losses"][2:]):
+        assert got == pytest.approx(want, rel=RESLICED_RTOL)
+        assert got == pytest.approx(old, rel=RESLICED_RTOL)  # and the old plan's own steps
+    # the steps differ by far more than the tolerance: each loss checks the state it started from
+    assert abs(resumed[0][1] - resumed[1][1]) > 100 * RESLICED_RTOL * resumed[0][1]
+    out = capfd.readouterr()
+    log = out.out + out.err
+    worst = max(abs(g - w) / abs(w) for (_, g), (_, w) in zip(resumed, reference[2:]))
+    print(f"resumed vs never stopped under the new plan: worst relative difference {worst:.1e}")
+    assert "models and optimizer states resliced" in log
+    rng = "random states restored per rank" if devices == 4 else "random states not restored"
+    assert rng in log
 
 
 @pytest.mark.timeout(600)

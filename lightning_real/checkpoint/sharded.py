@@ -2,7 +2,11 @@
 
 ``<name>/shard-rank{r}.pt`` holds rank ``r``'s part of the models and optimizer states and its
 random states; ``<name>/meta.pt`` holds Lightning's loop, optimizer and callback state, the world
-size, the plan and the list of shards. Every rank writes into ``<name>.tmp``; only when all
+size, the plan, the list of shards and the architecture of every trained role. Every element of
+a shard is a slice of a canonical (layout-independent) tensor and the shard records which: a run
+with the checkpoint's world size and plan reads its own shard back as it was (exact resume), any
+other reads every shard and reslices the models and optimizer states onto its own layouts
+(:mod:`~lightning_real.checkpoint.canonical`). Every rank writes into ``<name>.tmp``; only when all
 succeeded does rank 0 add ``meta.pt`` (last: a folder with it is complete) and swap the folder
 in (:func:`~lightning_real.checkpoint.folders.swap_in`). A failure on any rank raises on every
 rank and leaves earlier checkpoints as they were. All ranks must share the filesystem.
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -108,30 +113,51 @@ def save_sharded(
         raise
 
 
-def load_sharded(
-    path: Path, rank: int, world_size: int, plan: Mapping[str, str]
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(meta, this rank's shard)`` of the checkpoint at ``path``.
+@dataclass
+class LoadedCheckpoint:
+    """What :func:`load_sharded` read."""
 
-    The run must have the checkpoint's world size and plan: shards and optimizer states are per
-    layout position. Every rank checks the whole folder, so every rank fails alike.
+    folder: Path
+    """The complete folder read (``<name>.old`` after an interrupted save)."""
+    meta: dict[str, Any]
+    """``meta.pt``: Lightning's state, the world size, the plan, the trained roles' specs."""
+    shards: dict[int, dict[str, Any]]
+    """Shards by the rank that wrote them: this rank's alone when the run has the checkpoint's
+    world size and plan, every rank's otherwise (to be resliced in canonical coordinates)."""
+
+    same_layout: bool
+    """Whether the run has the checkpoint's world size and plan (this rank's shard is all it needs)."""
+
+
+def load_sharded(
+    path: Path,
+    rank: int,
+    world_size: int,
+    plan: Mapping[str, str],
+    check_meta: Callable[[Path, dict[str, Any]], None] | None = None,
+) -> LoadedCheckpoint:
+    """Read the checkpoint at ``path`` for rank ``rank`` of a run of ``world_size`` under ``plan``.
+
+    With the checkpoint's world size and plan, a rank reads its own shard (the exact resume);
+    otherwise every shard, memory-mapped, for :mod:`~lightning_real.checkpoint.canonical` to
+    reslice onto this run's layouts. ``check_meta(folder, meta)`` runs before any shard is read.
+    Every rank checks the whole folder, so every rank fails alike.
     """
     folder = checkpoint_folder(path)
     meta = torch.load(folder / META_FILE, map_location="cpu", weights_only=False)
-    if meta.get("world_size") != world_size:
-        raise CheckpointError(
-            f"checkpoint {folder} was written by {meta.get('world_size')} ranks; this run has {world_size}"
-        )
-    if meta.get("plan") != dict(plan):
-        raise CheckpointError(
-            f"checkpoint {folder} was written under plan {meta.get('plan')}; this run's plan is "
-            f"{dict(plan)} (shards and optimizer states belong to their layouts)"
-        )
-    missing = [name for name in meta.get("shards", []) if not (folder / name).is_file()]
-    if missing:
-        raise CheckpointError(f"checkpoint {folder} lacks {missing}")
-    shard = torch.load(folder / shard_file(rank), map_location="cpu", weights_only=False)
-    return meta, shard
+    if check_meta is not None:
+        check_meta(folder, meta)
+    names = list(meta.get("shards", []))
+    missing = [name for name in names if not (folder / name).is_file()]
+    if missing or not names:
+        raise CheckpointError(f"checkpoint {folder} lacks {missing or 'its shards'}")
+    same = meta.get("world_size") == world_size and meta.get("plan") == dict(plan)
+    ranks = [rank] if same else list(range(len(names)))
+    shards = {
+        r: torch.load(folder / shard_file(r), map_location="cpu", weights_only=False, mmap=not same)
+        for r in ranks
+    }
+    return LoadedCheckpoint(folder, meta, shards, same)
 
 
 def remove_folder(path: Path, rank: int) -> None:

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_real.distributed.groups import LayoutGroups
-from lightning_real.models.flat import FlatBuffers
+from lightning_real.models.flat import FlatBuffers, Slot
 from lightning_real.models.sharding import WORD_EMBEDDINGS, ParamSpec
 
 
@@ -133,6 +133,24 @@ def clip_(flat: FlatBuffers, max_norm: float | None, total_norm: float) -> float
     return coef
 
 
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+"""The per-element states of torch's AdamW (its ``step`` is one count per tensor)."""
+
+
+@dataclass(frozen=True)
+class OptimPiece:
+    """One tensor AdamW updates: elements ``[lo, hi)`` of one parameter, flattened."""
+
+    slot: Slot
+    """The parameter it is part of."""
+    lo: int
+    """First element of the (flattened) parameter."""
+    hi: int
+    """One past the last."""
+    index: int
+    """Its index in the torch optimizer's state (parameter groups in order)."""
+
+
 class ShardedAdamW:
     """AdamW over this rank's part of the flat buffers (all of them, or a ZeRO-1 slice).
 
@@ -149,6 +167,7 @@ class ShardedAdamW:
         decay: list[torch.Tensor] = []
         plain: list[torch.Tensor] = []
         self._grads: list[tuple[torch.Tensor, torch.Tensor]] = []
+        placed: list[tuple[Slot, int, int, bool, int]] = []
         for slot, a, b in flat.pieces():
             whole = (a, b) == (slot.start, slot.start + slot.numel)
             if self.master is not None:
@@ -158,8 +177,14 @@ class ShardedAdamW:
             else:
                 t = flat.params[a:b]
             grad = slot.param.main_grad if t is slot.param else flat.grads[a:b]  # type: ignore[attr-defined]
-            (decay if decays(slot.spec) else plain).append(t)
+            group = decay if decays(slot.spec) else plain
+            placed.append((slot, a - slot.start, b - slot.start, group is decay, len(group)))
+            group.append(t)
             self._grads.append((t, grad))
+        self.pieces = [
+            OptimPiece(slot, a, b, i if in_decay else len(decay) + i) for slot, a, b, in_decay, i in placed
+        ]
+        """What each tensor AdamW updates covers, in flat-buffer order (the master copy's order)."""
         groups = [
             {"params": decay, "weight_decay": config.weight_decay},
             {"params": plain, "weight_decay": 0.0},
@@ -193,11 +218,38 @@ class ShardedAdamW:
         return n
 
     def state_dict(self) -> dict[str, Any]:
-        """The torch optimizer's state and the master copy."""
-        out: dict[str, Any] = {"optimizer": self.torch.state_dict()}
+        """The torch optimizer's state, the master copy, and what each of its tensors covers:
+        ``pieces`` lists ``(parameter's local name, lo, hi, state index)`` in flat-buffer order,
+        elements ``[lo, hi)`` of the flattened parameter (the master copy concatenates them)."""
+        out: dict[str, Any] = {
+            "optimizer": self.torch.state_dict(),
+            "pieces": [(p.slot.spec.local_name, p.lo, p.hi, p.index) for p in self.pieces],
+        }
         if self.master is not None:
             out["master"] = self.master.detach().cpu().clone()
         return out
+
+    @torch.no_grad()
+    def load_pieces(self, values: list[dict[str, torch.Tensor]], step: torch.Tensor | None) -> None:
+        """Set the state of every piece (in :attr:`pieces` order) from flat tensors of its
+        ``hi - lo`` elements: Adam's moments (``exp_avg``, ``exp_avg_sq``; absent: no step taken
+        yet) and ``master`` (with master weights). ``step``: torch's per-tensor step count."""
+        if len(values) != len(self.pieces):
+            raise ValueError(f"{len(values)} piece states for {len(self.pieces)} optimizer pieces")
+        ordered = [t for g in self.torch.param_groups for t in g["params"]]
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        offset = 0
+        for piece, value in zip(self.pieces, values):
+            t = ordered[piece.index]
+            if step is not None and all(k in value for k in ADAM_MOMENTS):
+                moments = {k: value[k].reshape(t.shape).to(t.dtype).clone() for k in ADAM_MOMENTS}
+                state[piece.index] = {"step": step.clone(), **moments}
+            n = piece.hi - piece.lo
+            if self.master is not None:
+                self.master[offset : offset + n].copy_(value["master"])
+            offset += n
+        saved = self.torch.state_dict()
+        self.torch.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (same layout position, precision and sharding)."""

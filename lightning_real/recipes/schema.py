@@ -94,7 +94,7 @@ class TrainerConfig:
     keep_checkpoints: int = 1
     """Checkpoints kept, newest first; -1 keeps all."""
     resume_from: str | None = None
-    """A checkpoint folder to resume from (written by a run with the same number of processes)."""
+    """A checkpoint folder to resume from (written under any plan and number of processes: see docs/reliability.md)."""
     progress_bar: bool = True
     """Show Lightning's progress bar."""
     start_method: Literal["auto", "popen", "spawn"] = "auto"
