@@ -21,6 +21,7 @@ from pathlib import Path
 from lightning_real.planner.hardware import Cluster, get_profile
 from lightning_real.planner.presets import llama2_spec
 from lightning_real.planner.search import SearchConfig, search
+from lightning_real.planner.simulate import SimResult
 from lightning_real.planner.timeline import plot_timeline
 from lightning_real.planner.workload import ppo_workload
 
@@ -43,19 +44,31 @@ def main(argv: list[str] | None = None) -> int:
         runs = [("7b", 8, 384), ("70b", 128, 384)]
     rows = []
     print(
-        "| model | GPUs | gen | search (s) | search plan (s) | vs symmetric | vs disjoint | vs heuristic | start |"
+        "| model | GPUs | gen | search (s) | search plan (s) | ReaL heuristic (s) | vs symmetric | vs disjoint "
+        "| vs mesh-heuristic | vs real-heuristic | start |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    per_call: list[str] = []
     for size, n, gen in runs:
-        w = ppo_workload(llama2_spec(size), batch_size=512, prompt_len=128, gen_len=gen)
+        w = ppo_workload(llama2_spec(size), batch_size=512, prompt_len=128, gen_len=gen, ppo_minibatches=4)
         cluster = Cluster(max(1, n // 8), min(8, n), hw)
         r = search(w, cluster, SearchConfig(steps=args.steps, seed=args.seed))
         sp = {k: r.speedup(k) for k in r.baselines}
         cells = [f"{v:.2f}x" if v is not None else "does not fit" for v in sp.values()]
+        real = r.baselines["real-heuristic"][1]
+        real_s = f"{real.time:.2f}" if isinstance(real, SimResult) else "does not fit"
         print(
-            f"| 4x{size} | {n} | {gen} | {r.seconds:.1f} | {r.sim.time:.2f} | "
+            f"| 4x{size} | {n} | {gen} | {r.seconds:.1f} | {r.sim.time:.2f} | {real_s} | "
             + " | ".join(cells)
             + f" | {r.start} |"
+        )
+        per_call.append(
+            f"| 4x{size} | {n} | {gen} | "
+            + " | ".join(
+                f"{c}: {r.plan.layouts[c]} m{r.plan.microbatches[c]} {r.sim.costs[c].time:.2f}"
+                for c in w.names
+            )
+            + " |"
         )
         sys.stdout.flush()
         rows.append(
@@ -74,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.out is not None:
             args.out.mkdir(parents=True, exist_ok=True)
             plot_timeline(r.sim, r.plan, cluster.n_devices, args.out / f"timeline-{size}-{n}-{gen}.png")
+    print("\nSearched plans, per call: layout, microbatches (rounds for generation), predicted seconds")
+    print("| model | GPUs | gen | " + " | ".join(w.names) + " |")
+    print("|---|---|---|" + "---|" * len(w.names))
+    print("\n".join(per_call))
     if args.out is not None:
         (args.out / "results.json").write_text(json.dumps(rows, indent=2))
     return 0

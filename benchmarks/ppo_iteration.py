@@ -56,6 +56,33 @@ def _spec(name: str) -> ModelSpec:
     return spec
 
 
+def _module(args: argparse.Namespace) -> PPOModule:
+    return PPOModule(
+        _spec(args.model),
+        batch_size=args.batch,
+        generation=GenerationConfig(max_new_tokens=args.gen),
+        ppo=PPOConfig(kl_coef=0.01, minibatches=2),
+        actor_optim=OptimConfig(lr=1e-3),
+        critic_optim=OptimConfig(lr=1e-3),
+        prompt_len=24,
+    )
+
+
+def _predicted(plan: Any, args: argparse.Namespace, hw: Any) -> float:
+    """The planner's iteration time for ``plan`` on the 4-process cluster (the module's own
+    graph, models and the runtime's default features, as RealStrategy resolves them)."""
+    from lightning_real.features import RuntimeFeatures
+    from lightning_real.planner.auto import cluster_for_world, search_plan
+    from lightning_real.planner.simulate import simulate
+    from lightning_real.planner.workload import Workload
+    from lightning_real.plans import resolve_plan
+
+    module = _module(args)
+    graph, specs, features = module.real_graph(), module.real_specs(), RuntimeFeatures()
+    resolved = resolve_plan(plan, graph, 4, specs, search=lambda: search_plan(graph, specs, features, 4, 4))
+    return simulate(Workload(graph, specs, features), resolved, cluster_for_world(4, 4, hw)).time
+
+
 def _run(plan: Any, out: Path, args: argparse.Namespace) -> list[dict[str, float]]:
     trainer = Trainer(
         strategy=RealStrategy(plan=plan, start_method="spawn"),
@@ -68,14 +95,7 @@ def _run(plan: Any, out: Path, args: argparse.Namespace) -> list[dict[str, float
         enable_progress_bar=False,
         log_every_n_steps=1,
     )
-    module = PPOModule(
-        _spec(args.model),
-        batch_size=args.batch,
-        generation=GenerationConfig(max_new_tokens=args.gen),
-        ppo=PPOConfig(kl_coef=0.01, minibatches=2),
-        actor_optim=OptimConfig(lr=1e-3),
-        critic_optim=OptimConfig(lr=1e-3),
-    )
+    module = _module(args)
     trainer.fit(
         module, datamodule=PromptDataModule(asset("prompts"), batch_size=args.batch, max_prompt_len=24)
     )
@@ -93,6 +113,9 @@ def main() -> None:
     ap.add_argument("--gen", type=int, default=16, help="new tokens per response (default 16)")
     ap.add_argument("--model", choices=("tiny", "small"), default="tiny", help="model size (default tiny)")
     ap.add_argument("--plans", default=",".join(PLANS), help=f"comma-separated subset of {', '.join(PLANS)}")
+    ap.add_argument(
+        "--profile", default=None, help="hardware profile JSON for the predictions (default cpu-gloo)"
+    )
     args = ap.parse_args()
     names = [n.strip() for n in args.plans.split(",") if n.strip()]
     unknown = [n for n in names if n not in PLANS]
@@ -115,12 +138,26 @@ def main() -> None:
         f"\nmodel={args.model} batch={args.batch} gen={args.gen} steps={args.steps} warmup={args.warmup} "
         f"rounds={args.rounds}; median over {len(next(iter(rows.values())))} iterations per plan, seconds"
     )
-    head = ["plan", "iteration", "vs symmetric", *CALLS, "realloc", "realloc MB", "tokens/s/device"]
+    from lightning_real.planner.hardware import CPU_GLOO, load_profile
+
+    hw = load_profile(args.profile) if args.profile else CPU_GLOO
+    head = [
+        "plan",
+        "iteration",
+        "predicted",
+        "error",
+        "vs symmetric",
+        *CALLS,
+        "realloc",
+        "realloc MB",
+        "tokens/s/device",
+    ]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for n in names:
         it = med(n, "timing_s/iteration")
-        cells = [n, f"{it:.3f}", f"{base / it:.2f}x"]
+        pred = _predicted(PLANS[n], args, hw)
+        cells = [n, f"{it:.3f}", f"{pred:.3f}", f"{(pred - it) / it:+.0%}", f"{base / it:.2f}x"]
         cells += [f"{med(n, f'timing_s/{c}'):.3f}" for c in CALLS]
         cells += [f"{med(n, 'timing_s/realloc'):.3f}", f"{med(n, 'realloc/bytes') / 1e6:.2f}"]
         cells += [f"{med(n, 'perf/throughput'):.0f}"]

@@ -21,9 +21,7 @@ Run: ``python benchmarks/realloc.py`` (``--help`` for options); prints a Markdow
 from __future__ import annotations
 
 import argparse
-import ctypes
 import statistics
-import threading
 import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -31,6 +29,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from peak_memory import PeakMemory
 from torch import nn
 
 from lightning_real.compat import apply_cpu_compat, device, has_cuda
@@ -56,70 +55,6 @@ PAIRS = [
 def bench_spec(hidden: int = 768, layers: int = 12) -> ModelSpec:
     """Llama-style model: 124.7M parameters at the defaults (GQA 12/4 heads so tp=4 splits it)."""
     return ModelSpec("llama", 32000, hidden, layers, 12, 4, 2048 * hidden // 768)
-
-
-class _MallInfo(ctypes.Structure):
-    _fields_ = [
-        (n, ctypes.c_size_t)
-        for n in (
-            "arena",
-            "ordblks",
-            "smblks",
-            "hblks",
-            "hblkhd",
-            "usmblks",
-            "fsmblks",
-            "uordblks",
-            "fordblks",
-            "keepcost",
-        )
-    ]
-
-
-def _heap_fn() -> Any:
-    if has_cuda():
-        return torch.cuda.memory_allocated
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallinfo2.restype = _MallInfo
-
-    def used() -> int:
-        m = libc.mallinfo2()
-        return int(m.uordblks + m.hblkhd)
-
-    return used
-
-
-class PeakMemory:
-    """Peak bytes in use above the level at entry (sampled on CPU, exact on CUDA)."""
-
-    def __init__(self) -> None:
-        self.used = _heap_fn()
-        self.peak = 0
-
-    def __enter__(self) -> PeakMemory:
-        self.base = self.used()
-        self.top = self.base
-        self._stop = threading.Event()
-        if has_cuda():
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            self._t = threading.Thread(target=self._sample, daemon=True)
-            self._t.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.top = max(self.top, self.used())
-            time.sleep(0.0002)
-
-    def __exit__(self, *exc: Any) -> None:
-        if has_cuda():
-            self.top = torch.cuda.max_memory_allocated()
-        else:
-            self._stop.set()
-            self._t.join()
-            self.top = max(self.top, self.used())
-        self.peak = self.top - self.base
 
 
 def _timed(fn: Any) -> float:

@@ -8,7 +8,8 @@
 3. prints the mean reward of the first and the last 10 iterations and writes ``reward_kl.png``
    (reward and KL per step) and a Chrome trace of the last iteration (open it in Perfetto).
 
-Run: ``.venv/bin/python examples/ppo_demo.py [--steps 40] [--plan ...] [--wandb] [--out runs/ppo_demo]``
+Run: ``.venv/bin/python examples/ppo_demo.py [--steps 40] [--plan ...] [--precision bf16-mixed] [--wandb]
+[--out runs/ppo_demo]``
 """
 
 from __future__ import annotations
@@ -66,6 +67,12 @@ def main() -> None:
     )
     ap.add_argument("--out", default="runs/ppo_demo", help="output folder (default runs/ppo_demo)")
     ap.add_argument(
+        "--precision",
+        default="32-true",
+        choices=("32-true", "bf16-mixed", "bf16-true"),
+        help="Lightning precision of every model (default 32-true)",
+    )
+    ap.add_argument(
         "--wandb", action="store_true", help="log to W&B (offline unless WANDB_MODE says otherwise)"
     )
     args = ap.parse_args()
@@ -87,6 +94,7 @@ def main() -> None:
         strategy=RealStrategy(plan=args.plan or PLAN, trace_dir=str(out / "traces")),
         accelerator="auto",
         devices=4,
+        precision=args.precision,
         max_steps=args.steps,
         logger=[logger, CSVLogger(out, name="logs")] if args.wandb else logger,
         enable_checkpointing=False,

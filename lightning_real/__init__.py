@@ -5,8 +5,12 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from lightning_real import quiet
 from lightning_real.layout import Layout, LayoutError, parse_layout
 from lightning_real.registry import MODULE_PATHS
+
+# Before any megatron-core import: its known-harmless warnings are filtered at their source.
+quiet.install()
 
 __all__ = [
     "DPOModule",

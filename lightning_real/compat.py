@@ -4,8 +4,9 @@ megatron-core 0.16 asks CUDA for the current device (RoPE, attention buffers, pi
 allocates pipeline bookkeeping with ``device="cuda"``, calls ``torch.cuda.synchronize`` and
 creates CUDA streams. On a CPU-only machine these are answered here:
 
-* ``torch.cuda.current_device()`` returns ``"cpu"`` and ``torch.cuda.synchronize`` is a no-op
-  (:func:`apply_cpu_compat`, applied once, process-wide);
+* ``torch.cuda.current_device()`` returns ``"cpu"``, ``torch.cuda.synchronize`` is a no-op and
+  the CUDA random state that activation recomputation saves is empty (:func:`apply_cpu_compat`,
+  applied once, process-wide);
 * tensors created with ``device="cuda"`` land on the CPU while :func:`cuda_to_cpu` is active
   (entered around pipeline schedules only, so user code still fails loudly on a cuda device).
 """
@@ -32,6 +33,9 @@ def apply_cpu_compat() -> None:
     global _applied
     if _applied or has_cuda():
         return
+    from lightning_real.quiet import quiet_cpu_advice
+
+    quiet_cpu_advice()  # megatron's CUDA_DEVICE_MAX_CONNECTIONS advice cannot apply to a CPU
     # megatron-core only passes the answer on as a device: "cpu" works where an index would not.
     torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment,return-value]
     torch.cuda.synchronize = lambda *a, **k: None
@@ -59,6 +63,13 @@ def apply_cpu_compat() -> None:
 
     mutils.get_default_causal_mask = _causal_mask
     fused_softmax.get_default_causal_mask = _causal_mask
+
+    # Activation recomputation saves and restores the CUDA random state around a recomputed
+    # block; without CUDA there is none (the CPU state is saved and restored as usual).
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom._get_cuda_rng_state = lambda *a, **k: torch.empty(0, dtype=torch.uint8)
+    mrandom._set_cuda_rng_state = lambda *a, **k: None
     _applied = True
 
 

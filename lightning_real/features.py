@@ -12,13 +12,13 @@ The module imports nothing heavy, so the planner's command line starts fast.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Literal, get_args
+from dataclasses import dataclass, fields, replace
+from typing import Literal, cast, get_args
 
 Precision = Literal["32-true", "bf16-mixed", "bf16-true"]
 Optimizer = Literal["auto", "replicated", "distributed"]
 Attention = Literal["local", "sdpa"]
-Recompute = Literal["none", "selective", "full"]
+Recompute = Literal["none", "selective", "full", "auto"]
 GenerationBackend = Literal["native", "vllm"]
 
 PRECISIONS: tuple[str, ...] = get_args(Precision)
@@ -26,6 +26,7 @@ OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 ATTENTIONS: tuple[str, ...] = get_args(Attention)
 RECOMPUTES: tuple[str, ...] = get_args(Recompute)
 GENERATION_BACKENDS: tuple[str, ...] = get_args(GenerationBackend)
+ROLES: tuple[str, ...] = ("actor", "critic", "ref", "reward")
 
 LIGHTNING_PRECISIONS: dict[str, str] = {
     "32": "32-true",
@@ -49,24 +50,37 @@ class RuntimeFeatures:
     weights, fp32 gradient reduction and fp32 Adam states; 'bf16-true': bf16 parameters,
     gradients and Adam states (no master copy). Generation and inference run in the working
     dtype (bf16 for both bf16 modes), and reallocation moves the working copy."""
-    optimizer: Optimizer = "replicated"
+    optimizer: Optimizer = "auto"
     """Adam states over the data-parallel group: 'replicated' (every replica keeps them all),
     'distributed' (ZeRO-1: each replica keeps 1/dp of them; gradients are reduce-scattered and
     the updated parameters all-gathered), 'auto' (distributed when dp > 1)."""
-    attention: Attention = "local"
+    attention: Attention = "sdpa"
     """Core attention: 'sdpa' (``torch.nn.functional.scaled_dot_product_attention``: flash or
     memory-efficient kernels on CUDA, no score matrix kept), or 'local' (megatron-core's unfused
     attention, which materialises the scores)."""
     recompute: Recompute = "none"
     """Activation recomputation of train calls: 'none', 'selective' (the attention core, as
-    megatron-core's selective recompute) or 'full' (every layer's activations, recomputed in
-    backward). A plan may choose it per call."""
+    megatron-core's selective recompute), 'full' (every layer's activations, recomputed in
+    backward), or 'auto' (the plan chooses per train call; the planner searches it, a hand plan
+    without a choice means none)."""
     generation_backend: GenerationBackend = "native"
     """Engine of generate calls: 'native' (this package's generator: any tp/pp, the same tokens
     under any split) or 'vllm' (vLLM in this process, one engine per data-parallel replica)."""
     offload_idle: bool = False
     """Park the parameters of a model's call copies in host memory between its calls; False keeps
     them on the device until the call is over and then drops them."""
+    token_budget: int | None = None
+    """Pack the rows of train calls into microbatches of at most this many tokens (padding is not
+    computed; the microbatch count follows the budget); null: padded rows in the plan's
+    microbatches. Needs token-level losses (PPO, SFT, token-mean GRPO)."""
+    actor_precision: Precision | None = None
+    """Precision of the actor's models; null: ``precision``."""
+    critic_precision: Precision | None = None
+    """Precision of the critic's models; null: ``precision``."""
+    ref_precision: Precision | None = None
+    """Precision of the reference model; null: ``precision``."""
+    reward_precision: Precision | None = None
+    """Precision of the reward model; null: ``precision``."""
 
     def __post_init__(self) -> None:
         allowed = {
@@ -82,6 +96,34 @@ class RuntimeFeatures:
                 raise FeatureError(f"{name}={v!r}; allowed: {', '.join(values)}")
         if not isinstance(self.offload_idle, bool):
             raise FeatureError(f"offload_idle={self.offload_idle!r}; allowed: true, false")
+        if self.token_budget is not None and (
+            not isinstance(self.token_budget, int)
+            or isinstance(self.token_budget, bool)
+            or self.token_budget < 1
+        ):
+            raise FeatureError(f"token_budget={self.token_budget!r}; allowed: null or an integer >= 1")
+        for role in ROLES:
+            v = getattr(self, f"{role}_precision")
+            if v is not None and v not in PRECISIONS:
+                raise FeatureError(f"{role}_precision={v!r}; allowed: null, {', '.join(PRECISIONS)}")
+
+    def for_call(self, role: str, call_type: str, recompute: str | None = None) -> RuntimeFeatures:
+        """The features one call runs with: its role's precision, and recomputation only in train
+        calls (``recompute``: the plan's choice when the features leave it to the plan)."""
+        chosen: Recompute = self.recompute
+        if call_type != "train":
+            chosen = "none"
+        elif chosen == "auto":
+            if recompute not in (None, "none", "selective", "full"):
+                raise FeatureError(f"recompute={recompute!r}; allowed: none, selective, full")
+            chosen = cast(Recompute, recompute or "none")
+        return replace(self.for_role(role), recompute=chosen)
+
+    def for_role(self, role: str) -> RuntimeFeatures:
+        """The features of one role's models: its precision, with no per-role overrides left."""
+        own = getattr(self, f"{role}_precision", None) if role in ROLES else None
+        cleared = {f"{r}_precision": None for r in ROLES}
+        return replace(self, precision=own or self.precision, **cleared)  # type: ignore[arg-type]
 
     # ---- what the features mean in bytes ------------------------------------------------------
     @property
@@ -118,8 +160,9 @@ class RuntimeFeatures:
         opt = {"auto": "distributed Adam when dp > 1", "replicated": "replicated Adam"}.get(
             self.optimizer, "distributed Adam"
         )
+        roles = [f"{r} {getattr(self, r + '_precision')}" for r in ROLES if getattr(self, r + "_precision")]
         parts = [
-            self.precision,
+            self.precision + (f" ({', '.join(roles)})" if roles else ""),
             opt,
             f"{self.attention} attention",
             f"recompute {self.recompute}",
@@ -127,9 +170,11 @@ class RuntimeFeatures:
         ]
         if self.offload_idle:
             parts.append("idle copies offloaded")
+        if self.token_budget:
+            parts.append(f"packed to {self.token_budget} tokens")
         return ", ".join(parts)
 
-    def to_dict(self) -> dict[str, str | bool]:
+    def to_dict(self) -> dict[str, str | bool | int | None]:
         """Field -> value, as reports and plan files write them."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from lightning_real.dataflow import DataflowGraph
 from lightning_real.layout import Layout, LayoutError
@@ -31,8 +31,28 @@ PLANNER_REPORT_KEYS: tuple[str, ...] = ("cluster", "predicted_iteration_s", "bas
 """What ``lightning-real plan`` writes beside the layouts (read, not used, so its plan.yaml runs as is)."""
 
 
+PlanCause = Literal["layout", "rows", "groups", "minibatches", "microbatches"]
+"""What a :class:`PlanError` is about, so callers can name the setting at fault: ``"layout"``
+(the plan's layouts), ``"rows"`` (the batch against a layout's dp), ``"groups"`` (response
+groups against dp), ``"minibatches"`` (the call's optimizer steps per batch) or
+``"microbatches"`` (the call's microbatch count, the graph's ``n_mbs`` unless the plan gives one)."""
+
+
 class PlanError(ValueError):
-    """A plan that does not fit its graph or world: the message names the call and the problem."""
+    """A plan that does not fit its graph or world: the message names the call and the problem.
+
+    ``call`` is the call at fault (None when the plan as a whole is); ``cause`` what about it
+    (:data:`PlanCause`); ``from_plan`` whether the plan itself set the value at fault (a plan's
+    own ``microbatches:``) rather than the graph.
+    """
+
+    def __init__(
+        self, message: str, call: str | None = None, cause: PlanCause = "layout", from_plan: bool = True
+    ) -> None:
+        super().__init__(message)
+        self.call = call
+        self.cause = cause
+        self.from_plan = from_plan
 
 
 @dataclass(frozen=True)
@@ -45,6 +65,9 @@ class Plan:
     """Call name -> microbatches per data-parallel replica; calls left out keep the graph's ``n_mbs``."""
     name: str = field(default="plan", compare=False)
     """Label for logs and reports ('symmetric', 'search', a file name, ...)."""
+    recompute: Mapping[str, str] = field(default_factory=dict)
+    """Train call name -> activation recomputation ('none', 'selective', 'full'), used when the
+    runtime features leave it to the plan (``recompute: auto``); calls left out: none."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.layouts, Mapping) or not self.layouts:
@@ -66,8 +89,18 @@ class Plan:
             if not isinstance(m, int) or isinstance(m, bool) or m < 1:
                 raise PlanError(f"plan {self.name}: microbatches of {call} = {m!r}; allowed: an integer >= 1")
             mbs[str(call)] = m
+        rc: dict[str, str] = {}
+        for call, v in dict(self.recompute or {}).items():
+            if call not in lays:
+                raise PlanError(f"plan {self.name}: recompute names {call!r}, which has no layout")
+            if v not in ("none", "selective", "full"):
+                raise PlanError(
+                    f"plan {self.name}: recompute of {call} = {v!r}; allowed: none, selective, full"
+                )
+            rc[str(call)] = str(v)
         object.__setattr__(self, "layouts", lays)
         object.__setattr__(self, "microbatches", mbs)
+        object.__setattr__(self, "recompute", rc)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], name: str = "plan") -> Plan:
@@ -79,11 +112,16 @@ class Plan:
         if "plan" in data and isinstance(data["plan"], Mapping):
             data = data["plan"]
         if "layouts" in data:
-            extra = sorted(set(data) - {"layouts", "microbatches", "name", *PLANNER_REPORT_KEYS})
+            extra = sorted(set(data) - {"layouts", "microbatches", "recompute", "name", *PLANNER_REPORT_KEYS})
             if extra:
-                raise PlanError(f"plan {name}: unknown sections {extra}; allowed: layouts, microbatches")
+                raise PlanError(
+                    f"plan {name}: unknown sections {extra}; allowed: layouts, microbatches, recompute"
+                )
             return cls(
-                dict(data["layouts"]), dict(data.get("microbatches") or {}), str(data.get("name", name))
+                dict(data["layouts"]),
+                dict(data.get("microbatches") or {}),
+                str(data.get("name", name)),
+                dict(data.get("recompute") or {}),
             )
         return cls(dict(data), {}, name)
 
@@ -106,6 +144,8 @@ class Plan:
         out: dict[str, Any] = {"layouts": {k: str(v) for k, v in self.layouts.items()}}
         if self.microbatches:
             out["microbatches"] = dict(self.microbatches)
+        if self.recompute:
+            out["recompute"] = dict(self.recompute)
         return out
 
     def to_yaml(self, path: str | Path) -> None:
@@ -124,7 +164,7 @@ class Plan:
 
     def with_name(self, name: str) -> Plan:
         """The same plan under another label."""
-        return Plan(dict(self.layouts), dict(self.microbatches), name)
+        return Plan(dict(self.layouts), dict(self.microbatches), name, dict(self.recompute))
 
     def __str__(self) -> str:
         return f"{self.name}: " + ", ".join(f"{k}={v}" for k, v in self.layouts.items())
@@ -236,30 +276,43 @@ def check_plan(
                 check_layout(specs[c.role], lay)
             lay = resolved
         except LayoutError as e:
-            raise PlanError(f"plan {plan.name}: call {c.name}: {e}") from None
+            raise PlanError(f"plan {plan.name}: call {c.name}: {e}", c.name) from None
         if c.input_rows % lay.dp or c.batch_size % lay.dp:
             raise PlanError(
                 f"plan {plan.name}: call {c.name} ({lay}): its {c.input_rows} input rows and {c.batch_size} "
-                f"sequences must both be divisible by dp={lay.dp}"
+                f"sequences must both be divisible by dp={lay.dp}",
+                c.name,
+                "rows",
             )
         per_replica = c.batch_size // lay.dp
         if per_replica % c.group_size:
             raise PlanError(
                 f"plan {plan.name}: call {c.name} ({lay}): {per_replica} sequences per replica split "
-                f"groups of {c.group_size}"
+                f"groups of {c.group_size}",
+                c.name,
+                "groups",
             )
         if per_replica % c.minibatches:
             raise PlanError(
                 f"plan {plan.name}: call {c.name} ({lay}): {per_replica} sequences per replica do not split "
-                f"into {c.minibatches} minibatches"
+                f"into {c.minibatches} minibatches",
+                c.name,
+                "minibatches",
+                from_plan=False,
             )
         m = plan.n_mbs(graph, c.name)
         step_rows = per_replica // c.minibatches
         if m > step_rows:
             raise PlanError(
                 f"plan {plan.name}: call {c.name} ({lay}): {m} microbatches exceed the {step_rows} sequences "
-                "per replica and optimizer step"
+                "per replica and optimizer step",
+                c.name,
+                "microbatches",
+                from_plan=c.name in plan.microbatches,
             )
         layouts[c.name] = lay
         mbs[c.name] = m
-    return Plan(layouts, mbs, plan.name)
+    for call in plan.recompute:
+        if graph.call(call).call_type != "train":
+            raise PlanError(f"plan {plan.name}: recompute names {call}, which is not a train call")
+    return Plan(layouts, mbs, plan.name, dict(plan.recompute))

@@ -7,26 +7,42 @@ helpers: the plan (:mod:`lightning_real.plans`, the planner for ``"search"``), t
 (:func:`lightning_real.runtime.build.build_runtime` builds the module's declared models with the
 strategy's node size and features, :class:`lightning_real.runtime.executor.Executor` runs an
 iteration) and checkpoints (:mod:`lightning_real.checkpoint.sharded`).
+
+Failures are named: every process group has the one timeout (``timeout_s``), each rank keeps
+its phase on a status board (:mod:`lightning_real.distributed.status`), a collective that fails
+raises :class:`~lightning_real.distributed.status.RankFailure` naming the rank that died or did
+not arrive, and the popen launcher reports a child that died (:mod:`lightning_real.launcher`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+import shutil
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from typing_extensions import override
 
 from lightning_real.checkpoint.rng import rng_states, set_rng_states
 from lightning_real.checkpoint.sharded import load_sharded, remove_folder, save_sharded
 from lightning_real.data.position import EpochPositionLoader
-from lightning_real.distributed.groups import GroupRegistry
-from lightning_real.features import REFERENCE, RuntimeFeatures, precision_of
+from lightning_real.distributed.groups import GroupRegistry, collective_timeout
+from lightning_real.distributed.status import (
+    RankFailure,
+    StatusBoard,
+    describe_failure,
+    exit_codes,
+    is_collective_failure,
+    shared_folder,
+)
+from lightning_real.features import RuntimeFeatures, precision_of
 from lightning_real.layout import Layout
 from lightning_real.loggers import finish_wandb_runs
 from lightning_real.plans import Plan
@@ -66,7 +82,12 @@ class RealStrategy(DDPStrategy):
             backend, offload); its precision is taken from the Trainer's ``precision``.
         trace_dir: where to write the Chrome trace of each logged step (None: no files).
         search_steps: MCMC steps when ``plan="search"``.
+        timeout_s: seconds any collective may wait (the default group, every layout's groups, the
+            rows' gloo group); None: 300 on CPU, 1800 on GPU. A rank that dies or stops
+            answering fails the others within this (a dead one at once on gloo).
         process_group_backend: ``"nccl"`` or ``"gloo"``; defaults to NCCL with CUDA, gloo without.
+            With NCCL, ``TORCH_NCCL_ASYNC_ERROR_HANDLING=1`` (unless set): a timed-out collective
+            ends the process instead of hanging it.
     """
 
     strategy_name = "real"
@@ -78,12 +99,25 @@ class RealStrategy(DDPStrategy):
         features: RuntimeFeatures | None = None,
         trace_dir: str | None = None,
         search_steps: int = 2000,
+        timeout_s: float | None = None,
         **kwargs: Any,
     ) -> None:
+        if "timeout" in kwargs:
+            raise ValueError(
+                "RealStrategy takes timeout_s (seconds, one for every process group), not timeout"
+            )
         kwargs.setdefault("start_method", "popen")
         super().__init__(**kwargs)
         if gpus_per_node is not None:
             node_size(gpus_per_node, 1)  # checked now, not after the processes started
+        if timeout_s is not None:
+            collective_timeout(timeout_s, "cpu")  # checked now, not after the processes started
+        self.timeout_s = timeout_s
+        """Collective timeout in seconds (None: by device, see ``collective_timeout``)."""
+        self.status: StatusBoard | None = None
+        """This rank's status board (after setup)."""
+        self.resolved_plan: Plan | None = None
+        """The checked plan being run (after setup)."""
         self.plan_arg = plan
         self.gpus_per_node = gpus_per_node
         self.features_arg = features
@@ -93,7 +127,8 @@ class RealStrategy(DDPStrategy):
         self.plan: dict[str, Layout] = {}
         self.microbatches: dict[str, int] = {}
         """Microbatches per data-parallel replica of every call (the plan's, else the graph's)."""
-        self.features: RuntimeFeatures = features or REFERENCE
+        self.features: RuntimeFeatures = features or RuntimeFeatures()
+        self._trainer_precision: str | None = None
         """The features the runtime runs (resolved at setup, with the Trainer's precision)."""
         self.node_size: int = 1
         """Devices per node the runtime and the planner use (resolved at setup)."""
@@ -104,6 +139,36 @@ class RealStrategy(DDPStrategy):
         """Every rank's timed events of the latest iteration (for breakdowns and benchmarks)."""
 
     # ---- Lightning hooks ------------------------------------------------------------------------
+    @override
+    def _configure_launcher(self) -> None:
+        if self._start_method != "popen":
+            super()._configure_launcher()
+            return
+        from lightning_real.launcher import RealLauncher
+
+        assert self.cluster_environment is not None
+        self._launcher = RealLauncher(
+            self.cluster_environment,
+            self.num_processes,
+            self.num_nodes,
+            status_folder=lambda: self.status.folder if self.status is not None else None,
+        )
+
+    @override
+    def setup_distributed(self) -> None:
+        self._timeout = collective_timeout(self.timeout_s, self.root_device.type)
+        if self._get_process_group_backend() == "nccl":
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        super().setup_distributed()
+
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        super().on_exception(exception)
+        from lightning_real.launcher import RealLauncher
+
+        if isinstance(self.launcher, RealLauncher):
+            self.launcher.stop_children()  # they would wait for this process until the timeout
+
     @override
     def configure_ddp(self) -> None:
         # Models are megatron shards owned by the runtime; there is nothing for DDP to wrap.
@@ -117,17 +182,38 @@ class RealStrategy(DDPStrategy):
 
     @override
     def setup(self, trainer: Any) -> None:
+        # The runtime runs the Trainer's precision itself (bf16 shards, fp32 masters); Lightning's
+        # plugin would also autocast the training step or cast the module, so it is replaced by
+        # the plain one once its name is read.
+        self.features = self.resolve_features()
+        self.precision_plugin = Precision()
+        from lightning_real.display import replace_default_callbacks
+
+        replace_default_callbacks(trainer)  # the role summary and an iteration bar
         super().setup(trainer)
         self._setup_real()
 
     def resolve_features(self) -> RuntimeFeatures:
-        """The features given, with the Trainer's precision."""
+        """The features given, with the Trainer's precision (``Trainer(precision=...)``).
+
+        The Trainer's default ('32-true') leaves the precision of ``features`` as it is; two
+        different non-default precisions are an error naming both.
+        """
         from dataclasses import replace
 
-        base = self.features_arg or REFERENCE
-        plugin = getattr(self, "precision_plugin", None)
-        name = getattr(plugin, "precision", None) if plugin is not None else None
-        return replace(base, precision=precision_of(name)) if name is not None else base  # type: ignore[arg-type]
+        if self._trainer_precision is None:
+            plugin = self._precision_plugin
+            self._trainer_precision = precision_of(getattr(plugin, "precision", None) if plugin else None)
+        base = self.features_arg or RuntimeFeatures()
+        given = self._trainer_precision
+        if given == "32-true" or given == base.precision:
+            return base
+        if base.precision != "32-true":
+            raise ValueError(
+                f"Trainer(precision={given!r}) and RealStrategy(features=...precision={base.precision!r}) "
+                "disagree; give one of them"
+            )
+        return replace(base, precision=given)  # type: ignore[arg-type]
 
     def _setup_real(self) -> None:
         from lightning_real.planner.auto import search_plan
@@ -136,11 +222,15 @@ class RealStrategy(DDPStrategy):
 
         module = self._module
         world = self.world_size
-        self.features = self.resolve_features()
         self.node_size = node_size(self.gpus_per_node, len(self.parallel_devices or ()) or world)
-        self.registry = GroupRegistry(backend=self.process_group_backend)
+        self.status = StatusBoard(shared_folder(self.global_rank), self.global_rank)
+        self.registry = GroupRegistry(backend=self.process_group_backend, timeout=self._timeout)
         # batch rows always travel over gloo (small tensors; tags let producers send early)
-        self.data_group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        self.data_group = (
+            dist.group.WORLD
+            if dist.get_backend() == "gloo"
+            else dist.new_group(backend="gloo", timeout=self._timeout)
+        )
         graph = module.real_graph()
         specs = module.real_specs()
         plan = resolve_plan(
@@ -152,13 +242,14 @@ class RealStrategy(DDPStrategy):
                 graph, specs, self.features, world, self.node_size, steps=self.search_steps
             ),
         )
+        self.resolved_plan = plan
         self.plan = dict(plan.layouts)
         self.microbatches = dict(plan.microbatches)
         calls = graph.topological_order()
         # Group creation is collective: the same layouts, in the same order, on every rank.
         for call in calls:
             self.registry.for_layout(self.plan[call.name])
-        self.tracer = Tracer(self.global_rank)
+        self.tracer = Tracer(self.global_rank, status=self.status)
         runtime = build_runtime(
             graph, module.real_roles(), plan, self.registry, RuntimeConfig(self.node_size, self.features)
         )
@@ -171,7 +262,7 @@ class RealStrategy(DDPStrategy):
             self.global_rank,
             tracer=self.tracer,
             device=self.root_device,
-            release=runtime.pool.release,
+            release=runtime.after_call,
             data_group=self.data_group,
         )
 
@@ -181,15 +272,34 @@ class RealStrategy(DDPStrategy):
         trainer = getattr(module, "_trainer", None) if module is not None else None
         if trainer is not None and self._start_method != "popen":
             finish_wandb_runs(trainer.loggers)
+        if self.status is not None and self.local_rank == 0:
+            shutil.rmtree(self.status.folder, ignore_errors=True)  # one folder per host
         super().teardown()
+
+    @contextlib.contextmanager
+    def named_failures(self) -> Iterator[None]:
+        """Re-raise a failed collective as a :class:`RankFailure` naming the rank that died or
+        did not arrive, and what this rank was doing."""
+        try:
+            yield
+        except Exception as e:
+            if self.status is None or not is_collective_failure(e):
+                raise
+            child_procs = getattr(self.launcher, "child_procs", None)
+            procs = child_procs() if child_procs is not None else {}
+            raise RankFailure(describe_failure(self.status, self.world_size, e, exit_codes(procs))) from e
 
     def run_iteration(self, batch: dict[str, torch.Tensor], step: int = 0) -> dict[str, float]:
         """Run one dataflow iteration on every rank; returns the metrics of all ranks, reduced."""
-        assert self.executor is not None and self.tracer is not None
+        assert self.executor is not None and self.tracer is not None and self.status is not None
         self.tracer.step = step
-        result = self.executor.run(batch)
-        events = gather_events(self.tracer.pop())
-        metrics = reduce_metrics(result.metrics)
+        self.status.enter("iteration", step)
+        with self.named_failures():
+            result = self.executor.run(batch)
+            self.status.enter("gathering metrics", step)
+            events = gather_events(self.tracer.pop())
+            metrics = reduce_metrics(result.metrics)
+        self.status.enter("after the iteration", step)
         metrics.update(summarize(events))
         if self.trace_dir and self.global_rank == 0:
             to_chrome_trace(events, Path(self.trace_dir) / f"trace-step{step:05d}.json")
@@ -245,7 +355,15 @@ class RealStrategy(DDPStrategy):
             data["plan"] = self._plan_strings()
             return data
 
-        save_sharded(Path(filepath).absolute(), self.global_rank, self.world_size, shard, meta)
+        path = Path(filepath).absolute()
+        step = checkpoint.get("global_step")
+        phase = (
+            self.status.phase(f"checkpoint write {path.name}", step)
+            if self.status
+            else contextlib.nullcontext()
+        )
+        with self.named_failures(), phase:
+            save_sharded(path, self.global_rank, self.world_size, shard, meta)
 
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:

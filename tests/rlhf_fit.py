@@ -42,6 +42,7 @@ def fit(
     logger: Any = None,
     callbacks: tuple[Callback, ...] = (),
     ckpt_path: str | None = None,
+    precision: str = "32-true",
     **strategy: Any,
 ) -> list[dict[str, str]]:
     """Train ``module`` for ``steps`` iterations on 4 CPU processes; the CSV rows with metrics.
@@ -52,6 +53,7 @@ def fit(
         strategy=RealStrategy(plan=plan, start_method="spawn", **strategy),
         accelerator="cpu",
         devices=4,
+        precision=precision,  # type: ignore[arg-type]
         max_steps=steps,
         logger=logger if logger is not None else CSVLogger(out, name="csv"),
         callbacks=[DumpWeights(out, roles), *callbacks],

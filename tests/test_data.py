@@ -92,7 +92,7 @@ def test_prompt_truncation_counts(tmp_path, caplog):
     # BOS + 7 tokens fit; rows of 10 and 12 are cut from the left
     assert (ds.num_truncated, ds.num_rejected, len(ds)) == (2, 0, 5)
     assert ds[1]["prompt_ids"] == [BOS] + [ord("x")] * 7
-    assert "2 of 5 rows over the limit: 2 truncated, 0 rejected" in caplog.text
+    assert "2 of 5 rows are longer than max_prompt_len=8 tokens: 2 cut (truncation='left')" in caplog.text
     left = _jsonl(tmp_path / "l.jsonl", [{"prompt": "abcdefghij"}])
     assert TOK.decode(PromptDataset(left, TOK, TextLimits(max_prompt_len=5))[0]["prompt_ids"][1:]) == "ghij"
     rej = PromptDataset(p, TOK, TextLimits(max_prompt_len=8, truncation="reject"))

@@ -16,6 +16,7 @@ LAYERS: dict[str, int] = {
     "layout": 1,
     "registry": 1,
     "compat": 1,
+    "quiet": 1,
     "loggers": 1,
     "checkpoint": 1,
     # 2: models and their moves
@@ -33,6 +34,10 @@ LAYERS: dict[str, int] = {
     "module": 5,
     "modules": 5,
     "strategy": 5,
+    "launcher": 5,
+    "summary": 5,
+    "progress": 5,
+    "display": 5,
     # 6: user-facing
     "recipes": 6,
     "cli": 6,

@@ -112,8 +112,9 @@ def test_decode_is_bandwidth_bound() -> None:
     cost = call_cost(c, 1, 1, 1, 1, NODE)
     weight_bytes = 2 * c[1].num_params()
     per_step = weight_bytes / H100.mem_bw
-    # 64 decode steps + a prefill; layer overheads add 32 * 20 us per step. Tolerance 15%.
-    expected = 64 * (per_step + 32 * H100.layer_overhead)
+    # 64 decode steps + a prefill; each step also pays the fixed decode-step cost (sampling, host
+    # sync); a layer's launches hide behind its weight traffic (156 us > 100 us). Tolerance 15%.
+    expected = 64 * (per_step + H100.step_overhead)
     assert cost.time == pytest.approx(expected, rel=0.15)
     # doubling the batch barely changes a bandwidth-bound step (< 5%)
     c2 = _call("generate", batch=2, prompt=16, gen=65)

@@ -40,7 +40,7 @@ def test_search_is_deterministic_and_beats_baselines() -> None:
     assert a.sim.time <= best_base
     assert a.sim.feasible
     _check_meshes(a.plan, cluster, w)
-    for name in ("symmetric", "disjoint", "heuristic"):
+    for name in ("symmetric", "disjoint", "mesh-heuristic", "real-heuristic"):
         sp = a.speedup(name)
         assert sp is None or sp >= 1.0
 
@@ -63,7 +63,7 @@ def test_baselines_have_their_shapes() -> None:
     assert dis is not None
     assert {dis.layouts[n].ranks for n in ("actor_gen", "actor_train", "ref_inf")} == {(0, 1, 2, 3)}
     assert {dis.layouts[n].ranks for n in ("critic_inf", "critic_train", "rew_inf")} == {(4, 5, 6, 7)}
-    heu, _ = baseline("heuristic", w, cluster)
+    heu, _ = baseline("mesh-heuristic", w, cluster)
     assert heu is not None
     assert heu.layouts["actor_gen"].ranks == tuple(range(8)) and heu.layouts["actor_gen"].pp > 1
     assert heu.layouts["actor_train"].ranks == (0, 1, 2, 3) and heu.layouts["critic_train"].ranks == (
@@ -72,7 +72,7 @@ def test_baselines_have_their_shapes() -> None:
         6,
         7,
     )
-    with pytest.raises(ValueError, match="allowed: symmetric, disjoint, heuristic"):
+    with pytest.raises(ValueError, match="allowed: symmetric, disjoint, mesh-heuristic, real-heuristic"):
         baseline("megatron", w, cluster)
 
 

@@ -54,6 +54,24 @@ def _fit(
 
 
 @pytest.mark.timeout(600)
+def test_reward_rises_in_bf16_mixed(tmp_path):
+    # bf16 shards with fp32 masters under the same reallocation plan (moves carry bf16 bytes)
+    rows = _fit(tmp_path, REALLOC_PLAN, steps=16, precision="bf16-mixed")
+    rewards = [float(r["reward/mean"]) for r in rows]
+    first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
+    assert last > first + 0.05, rewards
+    # the moves carry the 2-byte working copies: exactly the plans' bytes at element size 2
+    from lightning_real.layout import Layout
+    from lightning_real.realloc import realloc_bytes
+
+    def sent(head: str, dst: str) -> int:
+        lay = (Layout.parse("d1t2p2").resolve(4), Layout.parse(dst).resolve(4))
+        return realloc_bytes(tiny_spec("llama", head=head), *lay, element_size=2).bytes_sent
+
+    assert float(rows[-1]["realloc/bytes"]) == sent("lm", "d2t2p1") + sent("value", "d2t1p1@2-3")
+
+
+@pytest.mark.timeout(600)
 def test_reward_rises_under_a_reallocation_plan(tmp_path):
     rows = _fit(tmp_path, REALLOC_PLAN, steps=16)
     rewards = [float(r["reward/mean"]) for r in rows]

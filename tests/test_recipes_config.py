@@ -346,8 +346,9 @@ def test_devices_follow_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     w = resolve_world(TrainerConfig())
     assert (w.devices, w.num_nodes, w.size) == (4, 2, 8)
-    with pytest.raises(RecipeError, match=r"trainer.devices': 2, but torchrun started 4 processes per node"):
-        resolve_world(TrainerConfig(devices=2))
+    # a recipe's own devices (the tiny recipes say 4) give way to the launcher's world
+    w = resolve_world(TrainerConfig(devices=2, num_nodes=1))
+    assert (w.devices, w.num_nodes) == (4, 2)
     monkeypatch.delenv("TORCHELASTIC_RUN_ID")
     assert resolve_world(TrainerConfig(accelerator="cpu")).size == 1
 

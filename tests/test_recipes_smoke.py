@@ -196,7 +196,7 @@ def test_command_line_runs_a_recipe(tmp_path: Path) -> None:
 @pytest.mark.timeout(300)
 @pytest.mark.skipif(shutil.which("torchrun", path=str(BIN)) is None, reason="torchrun is not installed")
 def test_torchrun_runs_a_recipe(tmp_path: Path) -> None:
-    # devices=null takes torchrun's processes per node
+    # The recipe says trainer.devices: 4; the run takes torchrun's 2 processes and says so.
     out = tmp_path / "run"
     over = [o for o in _overrides("sft", out) if not o.startswith("trainer.devices")]
     cmd = [
@@ -207,9 +207,9 @@ def test_torchrun_runs_a_recipe(tmp_path: Path) -> None:
         "-m",
         "lightning_real.recipes.run",
         str(TINY / "sft.yaml"),
-        "trainer.devices=null",
         *over,
     ]
     proc = _subprocess(cmd, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "trainer.devices=4 from the recipe gives way to torchrun's --nproc-per-node 2" in proc.stderr
     _check_run("sft", out)

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import torch
 
-from lightning_real.algorithms.aggregation import LossAgg, agg_loss, check_loss_agg
+from lightning_real.algorithms.aggregation import LossAgg, agg_loss, agg_packable, check_loss_agg
 from lightning_real.algorithms.correction import tis_metrics, tis_weights
 from lightning_real.algorithms.gspo import GSPO_CLIP_EPS, GSPO_CLIP_EPS_HIGH, gspo_loss
 from lightning_real.algorithms.masked import Reduction
@@ -108,6 +108,12 @@ class PolicyLossConfig:
             "loss_agg": "seq-mean-token-mean",
         }
         return cls(**{**base, **overrides})
+
+    @property
+    def packable(self) -> bool:
+        """Whether the loss is a sum over tokens, which packed rows keep: not under
+        'seq-mean-token-mean' nor GSPO's sequence-level ratio (``Training.packable``)."""
+        return self.policy_loss == "vanilla" and agg_packable(self.loss_agg)
 
     @classmethod
     def from_ppo(cls, cfg: PPOConfig, gen_len: int) -> PolicyLossConfig:

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 
 from lightning_real.checkpoint.folders import (
+    OLD_SUFFIX,
+    TMP_SUFFIX,
     CheckpointError,
     complete_folder,
     swap_in,
@@ -43,6 +45,25 @@ def checkpoint_folder(path: Path) -> Path:
 
         rank_zero_warn(f"checkpoint {path} is missing; loading {found.name}, left by an interrupted save")
     return found
+
+
+def newest_checkpoint(folder: Path) -> Path | None:
+    """The most recently completed checkpoint in ``folder`` (by the time its ``meta.pt`` was
+    written, the last file of a save), or None. A ``<name>.old`` stands for ``<name>`` only when
+    ``<name>`` itself is gone (an interrupted swap); temporary folders are never published."""
+    if not folder.is_dir():
+        return None
+    found: list[tuple[float, Path]] = []
+    for child in folder.iterdir():
+        if child.name.startswith(".") or child.name.endswith(TMP_SUFFIX):
+            continue
+        name = child.name.removesuffix(OLD_SUFFIX)
+        if child.name.endswith(OLD_SUFFIX) and (folder / name).exists():
+            continue
+        meta = child / META_FILE
+        if meta.is_file():
+            found.append((meta.stat().st_mtime, folder / name))
+    return max(found)[1] if found else None
 
 
 def _on_every_rank(what: str, fn: Callable[[], Any]) -> None:

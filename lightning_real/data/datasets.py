@@ -3,7 +3,8 @@
 Rows longer than the limit are either cut or dropped (``truncation``): ``"left"`` drops the
 oldest prompt tokens (keeping BOS), and for SFT and preference rows also cuts the response
 from the right when the response alone does not fit; ``"reject"`` drops the row. Each dataset
-counts what it cut or dropped (``num_truncated``, ``num_rejected``) and logs it.
+counts what it cut or dropped (``num_truncated``, ``num_rejected``); :meth:`length_report`
+says it in a line naming the limit, which the data modules print once.
 """
 
 from __future__ import annotations
@@ -48,8 +49,21 @@ class TextLimits:
                 raise ValueError(f"{f}={v!r}; allowed: an integer >= 2")
 
 
+class LengthError(DataError):
+    """No row is left within the length limit: ``limit`` names it ('max_prompt_len' or 'max_len')."""
+
+    def __init__(self, message: str, limit: str = "max_len") -> None:
+        super().__init__(message)
+        self.limit = limit
+
+
 def _encode(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer.encode(text, add_special_tokens=False))
+    # verbose=False: transformers warns about text longer than the tokenizer's model_max_length,
+    # which says nothing here; the rows are cut or dropped by this module's own limit.
+    try:
+        return list(tokenizer.encode(text, add_special_tokens=False, verbose=False))
+    except TypeError:  # a tokenizer whose encode takes no verbose flag
+        return list(tokenizer.encode(text, add_special_tokens=False))
 
 
 def _bos(tokenizer: Any, limits: TextLimits) -> list[int]:
@@ -84,31 +98,46 @@ class _LimitedDataset(Dataset):
     """Shared bookkeeping: kept items, and counts of cut and dropped rows."""
 
     kind = "rows"
+    limit = "max_len"
+    """The :class:`TextLimits` field that bounds this kind of row."""
 
     def __init__(self, path: str | Path, limits: TextLimits) -> None:
         self.path = Path(path)
         self.limits = limits
         self.items: list[dict[str, Any]] = []
+        self.num_read = 0
+        """Rows read from the file, before the limit."""
         self.num_truncated = 0
         """Rows shortened to fit the limit."""
         self.num_rejected = 0
         """Rows dropped for being over the limit (truncation='reject')."""
 
+    def _limit_text(self) -> str:
+        return f"{self.limit}={getattr(self.limits, self.limit)} tokens"
+
+    def length_report(self) -> str | None:
+        """One line on the rows over the limit (None when every row fits)."""
+        if not (self.num_truncated or self.num_rejected):
+            return None
+        over = self.num_truncated + self.num_rejected
+        done = f"{self.num_truncated} cut" if self.num_truncated else f"{self.num_rejected} dropped"
+        return (
+            f"{self.kind} {self.path}: {over} of {self.num_read} rows are longer than {self._limit_text()}: "
+            f"{done} (truncation={self.limits.truncation!r})"
+        )
+
     def _report(self, total: int) -> None:
+        self.num_read = total
         if self.num_truncated or self.num_rejected:
-            log.info(
-                "%s %s: %d of %d rows over the limit: %d truncated, %d rejected",
-                self.kind,
-                self.path,
-                self.num_truncated + self.num_rejected,
-                total,
-                self.num_truncated,
-                self.num_rejected,
-            )
+            log.info("%s", self.length_report())
         if not self.items:
-            raise DataError(
-                f"{self.path}: no rows left (read {total}, rejected {self.num_rejected} over the limit)"
-            )
+            if self.num_rejected:
+                raise LengthError(
+                    f"{self.path}: no rows left: all {total} rows are longer than {self._limit_text()} "
+                    f"and truncation='reject' drops them; raise {self.limit} or use truncation='left'",
+                    self.limit,
+                )
+            raise DataError(f"{self.path}: no rows (read {total})")
 
     def __len__(self) -> int:
         return len(self.items)
@@ -124,6 +153,7 @@ class PromptDataset(_LimitedDataset):
     """
 
     kind = "prompts"
+    limit = "max_prompt_len"
 
     def __init__(self, path: str | Path, tokenizer: Any, limits: TextLimits | None = None) -> None:
         super().__init__(path, limits or TextLimits())

@@ -105,9 +105,18 @@ class _TextDataModule(LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         lim = self.config.limits()
         if self.train_set is None:
-            self.train_set = self.dataset_cls(self.train_path, self.tokenizer, lim)
+            self.train_set = self._read(self.train_path, lim)
         if self.val_path is not None and self.val_set is None:
-            self.val_set = self.dataset_cls(self.val_path, self.tokenizer, lim)
+            self.val_set = self._read(self.val_path, lim)
+
+    def _read(self, path: Path, lim: TextLimits) -> Dataset:
+        from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+        ds: Dataset = self.dataset_cls(path, self.tokenizer, lim)
+        report = getattr(ds, "length_report", lambda: None)()
+        if report is not None:
+            rank_zero_info(report)  # once, on rank 0: every rank reads the same rows
+        return ds
 
     def _loader(self, ds: Dataset, train: bool) -> DataLoader:
         c = self.config

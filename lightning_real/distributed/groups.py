@@ -9,12 +9,26 @@ The same rank set is shared by every layout that needs it (a group is a communic
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch.distributed as dist
 
 from lightning_real.layout import Layout
+
+DEFAULT_TIMEOUT_S: dict[str, float] = {"cpu": 300.0, "cuda": 1800.0}
+"""Collective timeout by device type when none is given: a CPU test that loses a rank fails in
+minutes; a GPU step (generation of long responses, a large reallocation) may take many."""
+
+
+def collective_timeout(timeout_s: float | None, device_type: str) -> datetime.timedelta:
+    """The timeout of every process group: ``timeout_s``, else :data:`DEFAULT_TIMEOUT_S`."""
+    if timeout_s is None:
+        timeout_s = DEFAULT_TIMEOUT_S.get(device_type, DEFAULT_TIMEOUT_S["cuda"])
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or not timeout_s > 0:
+        raise ValueError(f"timeout_s={timeout_s!r}; allowed: a number of seconds > 0, or None (the default)")
+    return datetime.timedelta(seconds=float(timeout_s))
 
 
 @dataclass
@@ -105,14 +119,19 @@ class LayoutGroups:
 
 
 class GroupRegistry:
-    """Creates and caches process groups by rank set; every rank must call it the same way."""
+    """Creates and caches process groups by rank set; every rank must call it the same way.
 
-    def __init__(self, backend: str | None = None) -> None:
+    ``timeout`` bounds every collective of the groups it creates (None: torch's default, 30
+    minutes; RealStrategy passes its one timeout).
+    """
+
+    def __init__(self, backend: str | None = None, timeout: datetime.timedelta | None = None) -> None:
         if not dist.is_initialized():
             raise RuntimeError("GroupRegistry needs torch.distributed to be initialized first")
         self.world_size = dist.get_world_size()
         self.rank = dist.get_rank()
         self.backend = backend
+        self.timeout = timeout
         self._groups: dict[tuple[int, ...], Any] = {}
         self._layouts: dict[Layout, LayoutGroups] = {}
 
@@ -123,7 +142,7 @@ class GroupRegistry:
             if len(key) == self.world_size:
                 self._groups[key] = dist.group.WORLD
             else:
-                self._groups[key] = dist.new_group(list(key), backend=self.backend)
+                self._groups[key] = dist.new_group(list(key), backend=self.backend, timeout=self.timeout)
         return self._groups[key]
 
     def _mine(self, sets: list[tuple[int, ...]]) -> Any:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -53,10 +54,41 @@ def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-def transformer_config(spec: ModelSpec, groups: LayoutGroups, dtype: torch.dtype = torch.float32) -> Any:
+@dataclass(frozen=True)
+class BuildOptions:
+    """How a model is built, beyond its spec and layout (the runtime's features for one copy)."""
+
+    dtype: torch.dtype = torch.float32
+    """Parameter and activation dtype (the working copy): float32 or bfloat16."""
+    attention: Literal["local", "sdpa"] = "sdpa"
+    """Core attention: torch's SDPA, or megatron-core's unfused 'local' attention."""
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recomputation in backward: none, the attention core, or whole layers."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"BuildOptions.dtype={self.dtype}; allowed: torch.float32, torch.bfloat16")
+        if self.attention not in ("local", "sdpa"):
+            raise ValueError(f"BuildOptions.attention={self.attention!r}; allowed: local, sdpa")
+        if self.recompute not in ("none", "selective", "full"):
+            raise ValueError(f"BuildOptions.recompute={self.recompute!r}; allowed: none, selective, full")
+
+
+def _recompute(recompute: str) -> dict[str, Any]:
+    """megatron-core's settings for a recompute choice."""
+    if recompute == "selective":
+        return {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]}
+    if recompute == "full":
+        return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+    return {}
+
+
+def transformer_config(spec: ModelSpec, groups: LayoutGroups, options: BuildOptions | None = None) -> Any:
     """megatron-core TransformerConfig for ``spec`` split as ``groups.layout``."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    opts = options or BuildOptions()
+    dtype = opts.dtype
     lay = groups.layout
     counts = stage_layers(spec.num_layers, lay.pp)
     uneven = lay.pp > 1 and len(set(counts)) > 1
@@ -94,6 +126,7 @@ def transformer_config(spec: ModelSpec, groups: LayoutGroups, dtype: torch.dtype
         sequence_parallel=False,
         moe_token_dispatcher_type="alltoall",
         variable_seq_lengths=True,
+        **_recompute(opts.recompute),
         deallocate_pipeline_outputs=False,
     )
 
@@ -158,7 +191,7 @@ def _pad_vocab(model: GPTModel, spec: ModelSpec, groups: LayoutGroups) -> None:
 
 
 def build_gpt(
-    spec: ModelSpec, groups: LayoutGroups, seed: int = 0, dtype: torch.dtype = torch.float32
+    spec: ModelSpec, groups: LayoutGroups, seed: int = 0, options: BuildOptions | None = None
 ) -> GPTModel:
     """A megatron-core GPTModel holding this rank's shard of ``spec`` under ``groups.layout``.
 
@@ -167,7 +200,8 @@ def build_gpt(
     """
     from megatron.core import tensor_parallel
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from lightning_real.models.attention import layer_spec as layer_spec_for
 
     if not groups.member:
         raise RuntimeError(f"rank {groups.rank} is not in layout {groups.layout}; nothing to build")
@@ -191,8 +225,9 @@ def build_gpt(
             etp_rank=0,
             force_reset_rng=True,
         )
-        config = transformer_config(spec, groups, dtype)
-        layer_spec = get_gpt_layer_local_spec(normalization=config.normalization)
+        opts = options or BuildOptions()
+        config = transformer_config(spec, groups, opts)
+        layer_spec = layer_spec_for(opts.attention, config.normalization)
         # Tied embeddings across pipeline stages move the weight with .cuda() during construction.
         with cuda_to_cpu():
             model = GPTModel(
@@ -209,7 +244,14 @@ def build_gpt(
                 pg_collection=groups.pg_collection(),
             )
         if spec.head == "value" and groups.is_last_stage:
-            model.output_layer = ValueHead(spec.hidden_size, dtype)
+            model.output_layer = ValueHead(spec.hidden_size, opts.dtype)
+    if opts.dtype != torch.float32:
+        # megatron-core's local norms and learned positions are created in fp32 (its Float16Module
+        # casts the whole model); the parameters are cast here, buffers such as RoPE's stay fp32.
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dtype != opts.dtype:
+                    p.data = p.data.to(opts.dtype)
     _pad_vocab(model, spec, groups)
     if has_cuda():
         model = model.cuda()

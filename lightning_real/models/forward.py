@@ -11,7 +11,8 @@ from collections.abc import Callable
 
 import torch
 
-from lightning_real.models.masks import attention_mask_4d, position_ids
+from lightning_real.models.masks import attention_mask_4d, next_token_valid, position_ids
+from lightning_real.models.packing import SEGMENT_IDS, pack
 from lightning_real.models.pipeline import MicroBatch, broadcast_from_last_stage, run_forward
 from lightning_real.models.shard import ModelShard
 from lightning_real.models.vocab_parallel import gather_vocab, vocab_parallel_logprobs
@@ -66,6 +67,7 @@ def _run(
     fn: Callable[[torch.Tensor, MicroBatch], torch.Tensor],
     width: int | None,
     dtype: torch.dtype,
+    token_budget: int | None = None,
 ) -> torch.Tensor:
     if shard.module is None:
         raise RuntimeError(f"rank {shard.groups.rank} is not in layout {shard.layout}; only its ranks run it")
@@ -73,12 +75,27 @@ def _run(
     dev = next(shard.module.parameters()).device
     input_ids, pad_mask = input_ids.to(dev), pad_mask.to(dev)
     segment_ids = segment_ids.to(dev) if segment_ids is not None else None
-    mbs = microbatches(input_ids, pad_mask, n_mbs, segment_ids)
+    b, s = input_ids.shape
+    packing = None
+    if token_budget:
+        rows, packing = pack({"input_ids": input_ids, "attention_mask": pad_mask}, token_budget)
+        mbs = [
+            MicroBatch(
+                r["input_ids"],
+                position_ids(r["attention_mask"], r[SEGMENT_IDS]),
+                attention_mask_4d(r["attention_mask"], r[SEGMENT_IDS]),
+                {},
+            )
+            for r in rows
+        ]
+    else:
+        mbs = microbatches(input_ids, pad_mask, n_mbs, segment_ids)
     with torch.no_grad():
         parts = run_forward(shard, mbs, fn)
-    b, s = input_ids.shape
     shape = (b, s) if width is None else (b, s, width)
-    value = torch.cat(parts, 0) if shard.groups.is_last_stage else None
+    value = None
+    if shard.groups.is_last_stage:
+        value = packing.unpack(parts) if packing is not None else torch.cat(parts, 0)
     return broadcast_from_last_stage(shard, value, shape, dtype)
 
 
@@ -88,6 +105,7 @@ def forward_logits(
     pad_mask: torch.Tensor,
     n_mbs: int = 1,
     segment_ids: torch.Tensor | None = None,
+    token_budget: int | None = None,
 ) -> torch.Tensor:
     """Full-vocabulary logits [b, s, V] on every rank of the replica (tests, debugging).
 
@@ -99,7 +117,7 @@ def forward_logits(
     def fn(out: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
         return gather_vocab(out, g.tp, vocab)
 
-    return _run(shard, input_ids, pad_mask, n_mbs, segment_ids, fn, vocab, torch.float32)
+    return _run(shard, input_ids, pad_mask, n_mbs, segment_ids, fn, vocab, torch.float32, token_budget)
 
 
 def forward_logprobs(
@@ -109,8 +127,13 @@ def forward_logprobs(
     n_mbs: int = 1,
     segment_ids: torch.Tensor | None = None,
     temperature: float = 1.0,
+    token_budget: int | None = None,
 ) -> torch.Tensor:
-    """Log-probabilities [b, s-1] of each next token (position t scores token t+1), vocab-parallel."""
+    """Log-probabilities [b, s-1] of each next token (position t scores token t+1), vocab-parallel.
+
+    ``token_budget``: run the rows packed into rows of at most that many tokens
+    (:mod:`lightning_real.models.packing`); ``n_mbs`` is then ignored and an entry whose next
+    token is padding is 0."""
     if not temperature > 0:
         raise ValueError(f"temperature={temperature} must be > 0")
     g = shard.groups
@@ -119,7 +142,11 @@ def forward_logprobs(
         lp = vocab_parallel_logprobs(out[:, :-1] / temperature, mb.input_ids[:, 1:], g.tp)
         return torch.nn.functional.pad(lp, (0, 1))  # keep width s for the broadcast
 
-    return _run(shard, input_ids, pad_mask, n_mbs, segment_ids, fn, None, torch.float32)[:, :-1]
+    lp = _run(shard, input_ids, pad_mask, n_mbs, segment_ids, fn, None, torch.float32, token_budget)[:, :-1]
+    if token_budget:
+        # a packed row's last token of a sequence is followed by the next sequence, not padding
+        lp = lp * next_token_valid(pad_mask.to(lp.device), segment_ids).to(lp.dtype)
+    return lp
 
 
 def forward_values(
@@ -128,12 +155,13 @@ def forward_values(
     pad_mask: torch.Tensor,
     n_mbs: int = 1,
     segment_ids: torch.Tensor | None = None,
+    token_budget: int | None = None,
 ) -> torch.Tensor:
-    """Per-token values [b, s] of a value-head model."""
+    """Per-token values [b, s] of a value-head model (0 on padding when packed by ``token_budget``)."""
     if shard.spec.head != "value":
         raise ValueError(f"forward_values needs a value head; this model's head is {shard.spec.head!r}")
 
     def fn(out: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
         return out.squeeze(-1).float()
 
-    return _run(shard, input_ids, pad_mask, n_mbs, segment_ids, fn, None, torch.float32)
+    return _run(shard, input_ids, pad_mask, n_mbs, segment_ids, fn, None, torch.float32, token_budget)

@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from lightning_real.checkpoint.folders import CheckpointError, swap_in, temp_folder
 from lightning_real.distributed.groups import LayoutGroups
+from lightning_real.models.build import BuildOptions
 from lightning_real.models.hf_convert import (
     TRUNK_PREFIX,
     canonical_to_hf,
@@ -203,7 +204,7 @@ def load_hf(
     path: str | Path,
     groups: LayoutGroups,
     head: Head = "lm",
-    dtype: torch.dtype = torch.float32,
+    options: BuildOptions | None = None,
     init_value_head: bool = False,
     pad_vocab_to_multiple_of: int = 1,
 ) -> ModelShard:
@@ -216,14 +217,15 @@ def load_hf(
     """
     spec = replace(read_spec(path, head), pad_vocab_to_multiple_of=pad_vocab_to_multiple_of)
     ckpt = HFCheckpoint.open(path, spec, init_value_head)
-    shard = ModelShard.build(spec, groups, dtype=dtype)
+    opts = options or BuildOptions()
+    shard = ModelShard.build(spec, groups, options=opts)
     if shard.module is None:
         return shard
     by_key: dict[str, list[Any]] = {}
     for ps, p in shard.params():
         by_key.setdefault(ps.key, []).append((ps, p))
     tp, tp_rank = shard.layout.tp, groups.tp_rank
-    for key, tensor in ckpt.read(list(by_key), dtype):
+    for key, tensor in ckpt.read(list(by_key), opts.dtype):
         for ps, p in by_key[key]:
             p.copy_(ps.to_local(tensor, tp_rank, tp))
     return shard

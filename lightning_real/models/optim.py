@@ -1,26 +1,33 @@
-"""AdamW over one rank's shard, its learning-rate schedule and global-norm gradient clipping.
+"""AdamW over this rank's part of a model, its learning-rate schedule and global-norm clipping.
 
-The optimizer is plain ``torch.optim.AdamW`` over the rank's local parameters: Adam is
-elementwise, so its state is naturally sharded exactly like the parameters and equals the
-matching slice of the single-device state. What needs the layout is the gradient norm: it is
+The optimizer is ``torch.optim.AdamW`` over the rank's part of the flat buffers
+(:mod:`lightning_real.models.flat`): all of its parameters when every data-parallel replica keeps
+the full optimizer state, a 1/dp slice of them under ZeRO-1. Adam is elementwise, so a slice of
+a parameter updates exactly as the whole would: each state equals the matching slice of the
+single-device state. Under 'bf16-mixed' the optimizer updates fp32 master copies and writes the
+result back into the bf16 working parameters. What needs the layout is the gradient norm: it is
 taken over the whole model, so each canonical element must be counted exactly once although
 some parameters are held by several ranks (norms, row-parallel biases, learned positions and
 the value head on every tensor-parallel rank; the tied output copy on the last pipeline stage).
+
+megatron-core's ``DistributedOptimizer`` is not used: in 0.16 it accepts only CUDA tensors (it
+checks ``param.type()`` against ``torch.cuda.*Tensor`` and allocates its buffers with
+``torch.cuda.current_device()``), so it cannot run the CPU reference on gloo, and one code path
+for both is what the parity tests on gloo can vouch for on NCCL (docs/engine.md).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from lightning_real.distributed.groups import LayoutGroups
+from lightning_real.models.flat import FlatBuffers
 from lightning_real.models.sharding import WORD_EMBEDDINGS, ParamSpec
-
-NamedParams = list[tuple[ParamSpec, nn.Parameter]]
 
 
 @dataclass(frozen=True)
@@ -80,22 +87,6 @@ def decays(ps: ParamSpec) -> bool:
     return len(ps.canonical_shape) >= 2
 
 
-def build_adamw(params: NamedParams, config: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over this rank's parameters, in two groups (with and without weight decay).
-
-    Group order and the parameter order inside each group follow ``params``, so every rank with
-    the same layout coordinates builds the same optimizer (and can load its state dict).
-    """
-    decay = [p for ps, p in params if decays(ps)]
-    plain = [p for ps, p in params if not decays(ps)]
-    groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": plain, "weight_decay": 0.0},
-    ]
-    # foreach=False: the per-tensor loop is the reference semantics on any device and layout.
-    return torch.optim.AdamW(groups, lr=lr_at(config, 0), betas=config.betas, eps=config.eps, foreach=False)
-
-
 def counts_once(ps: ParamSpec, groups: LayoutGroups, tied_pp: bool) -> bool:
     """Whether this rank's copy of ``ps`` enters the global norm (each element exactly once)."""
     if ps.tp_dim is None and groups.tp_rank != 0:
@@ -104,21 +95,33 @@ def counts_once(ps: ParamSpec, groups: LayoutGroups, tied_pp: bool) -> bool:
     return not (tied_pp and ps.key == WORD_EMBEDDINGS and not groups.is_first_stage)
 
 
-def global_grad_norm(params: NamedParams, groups: LayoutGroups, tied_pp: bool) -> float:
-    """L2 norm of the whole model's gradient (one replica: summed over its tp x pp ranks)."""
-    dev = params[0][1].device if params else torch.device("cpu")
-    sq = torch.zeros((), dtype=torch.float64, device=dev)
-    for ps, p in params:
-        if p.grad is not None and counts_once(ps, groups, tied_pp):
-            sq += p.grad.detach().double().pow(2).sum()
-    if groups.layout.tp * groups.layout.pp > 1:
-        dist.all_reduce(sq, group=groups.mp)
+def set_lr_(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set the learning rate of every parameter group."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+
+
+def grad_norm(flat: FlatBuffers, tied_pp: bool) -> float:
+    """L2 norm of the whole model's reduced gradient (every canonical element once).
+
+    Each rank sums the elements of its part it speaks for; the layout's ranks then add their
+    sums: over the model-parallel group when every replica holds all gradients, over the whole
+    layout when each replica holds a 1/dp slice.
+    """
+    g = flat.groups
+    sq = torch.zeros((), dtype=torch.float64, device=flat.grads.device)
+    for slot, a, b in flat.pieces():
+        if counts_once(slot.spec, g, tied_pp):
+            sq += flat.grads[a:b].double().pow(2).sum()
+    group, size = (g.all, g.layout.size) if flat.shards > 1 else (g.mp, g.layout.tp * g.layout.pp)
+    if size > 1:
+        dist.all_reduce(sq, group=group)
     return float(sq.sqrt())
 
 
 @torch.no_grad()
-def clip_grads_(params: NamedParams, max_norm: float | None, total_norm: float) -> float:
-    """Scale gradients so their global norm is at most ``max_norm``; returns the factor used.
+def clip_(flat: FlatBuffers, max_norm: float | None, total_norm: float) -> float:
+    """Scale this rank's gradients so the global norm is at most ``max_norm``; the factor used.
 
     Same rule as ``torch.nn.utils.clip_grad_norm_``: factor = max_norm / (norm + 1e-6), capped at 1.
     """
@@ -126,13 +129,82 @@ def clip_grads_(params: NamedParams, max_norm: float | None, total_norm: float) 
         return 1.0
     coef = min(1.0, max_norm / (total_norm + 1e-6))
     if coef < 1.0:
-        for _, p in params:
-            if p.grad is not None:
-                p.grad.mul_(coef)
+        flat.grad_shard().mul_(coef)
     return coef
 
 
-def set_lr_(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set the learning rate of every parameter group."""
-    for g in optimizer.param_groups:
-        g["lr"] = lr
+class ShardedAdamW:
+    """AdamW over this rank's part of the flat buffers (all of them, or a ZeRO-1 slice).
+
+    The tensors it updates: a parameter itself when this rank holds all of it and no master copy
+    is kept (so a replicated fp32 run has plain per-parameter AdamW state), else a view of the
+    parameter buffer, or of the fp32 master copy of this rank's slice under 'bf16-mixed'. Two
+    groups, with and without weight decay, in parameter order.
+    """
+
+    def __init__(self, flat: FlatBuffers, config: OptimConfig, master_weights: bool) -> None:
+        self.flat = flat
+        self.master: torch.Tensor | None = flat.param_shard().float().clone() if master_weights else None
+        lo, _ = flat.shard_range
+        decay: list[torch.Tensor] = []
+        plain: list[torch.Tensor] = []
+        self._grads: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for slot, a, b in flat.pieces():
+            whole = (a, b) == (slot.start, slot.start + slot.numel)
+            if self.master is not None:
+                t: torch.Tensor = self.master[a - lo : b - lo]
+            elif whole:
+                t = slot.param
+            else:
+                t = flat.params[a:b]
+            grad = slot.param.main_grad if t is slot.param else flat.grads[a:b]  # type: ignore[attr-defined]
+            (decay if decays(slot.spec) else plain).append(t)
+            self._grads.append((t, grad))
+        groups = [
+            {"params": decay, "weight_decay": config.weight_decay},
+            {"params": plain, "weight_decay": 0.0},
+        ]
+        # foreach=None: torch picks (the per-tensor loop on CPU, the same math batched on CUDA).
+        self.torch = torch.optim.AdamW(
+            groups, lr=lr_at(config, 0), betas=config.betas, eps=config.eps, foreach=None
+        )
+
+    @torch.no_grad()
+    def step(self, lr: float) -> None:
+        """One AdamW update at ``lr`` from the reduced gradients; then every replica's parameters."""
+        for t, grad in self._grads:
+            t.grad = grad
+        set_lr_(self.torch, lr)
+        self.torch.step()
+        if self.master is not None:
+            self.flat.param_shard().copy_(self.master)
+        self.flat.gather_params()
+
+    def state_bytes(self) -> int:
+        """Bytes of this rank's optimizer state: Adam's moments and the master copy."""
+        n = sum(
+            v.numel() * v.element_size()
+            for st in self.torch.state.values()
+            for v in st.values()
+            if torch.is_tensor(v) and v.dim() > 0
+        )
+        if self.master is not None:
+            n += self.master.numel() * self.master.element_size()
+        return n
+
+    def state_dict(self) -> dict[str, Any]:
+        """The torch optimizer's state and the master copy."""
+        out: dict[str, Any] = {"optimizer": self.torch.state_dict()}
+        if self.master is not None:
+            out["master"] = self.master.detach().cpu().clone()
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (same layout position, precision and sharding)."""
+        self.torch.load_state_dict(state["optimizer"])
+        if self.master is not None:
+            if "master" not in state:
+                raise ValueError(
+                    "the saved optimizer state has no fp32 master weights (saved without bf16-mixed)"
+                )
+            self.master.copy_(state["master"])

@@ -10,7 +10,7 @@ from torch import nn
 
 from lightning_real.distributed.groups import LayoutGroups
 from lightning_real.layout import Layout
-from lightning_real.models.build import build_gpt
+from lightning_real.models.build import BuildOptions, build_gpt
 from lightning_real.models.sharding import ParamSpec, load_canonical_, named_local_params
 from lightning_real.models.spec import ModelSpec
 
@@ -42,10 +42,10 @@ class ModelShard:
 
     @classmethod
     def build(
-        cls, spec: ModelSpec, groups: LayoutGroups, seed: int = 0, dtype: torch.dtype = torch.float32
+        cls, spec: ModelSpec, groups: LayoutGroups, seed: int = 0, options: BuildOptions | None = None
     ) -> ModelShard:
         """Build (randomly initialised) on the layout's ranks; other ranks get an empty shard."""
-        module = build_gpt(spec, groups, seed=seed, dtype=dtype) if groups.member else None
+        module = build_gpt(spec, groups, seed=seed, options=options) if groups.member else None
         return cls(spec, groups, module)
 
     @classmethod
@@ -54,10 +54,11 @@ class ModelShard:
         spec: ModelSpec,
         groups: LayoutGroups,
         tensors: dict[str, torch.Tensor],
-        dtype: torch.dtype = torch.float32,
+        options: BuildOptions | None = None,
     ) -> ModelShard:
-        """Build and fill with this rank's slices of the canonical ``tensors``."""
-        shard = cls.build(spec, groups, dtype=dtype)
+        """Build and fill with this rank's slices of the canonical ``tensors`` (cast to the
+        options' dtype)."""
+        shard = cls.build(spec, groups, options=options)
         if shard.module is not None:
             load_canonical_(shard.module, spec, shard.layout, groups.rank, tensors)
         return shard

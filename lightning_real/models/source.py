@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import torch
-
 from lightning_real.distributed.groups import LayoutGroups
+from lightning_real.models.build import BuildOptions
 from lightning_real.models.shard import ModelShard
 from lightning_real.models.sharding import random_canonical
 from lightning_real.models.spec import ModelSpec
@@ -35,7 +34,7 @@ def load_shard(
     groups: LayoutGroups,
     seed: int,
     init_value_head: bool = False,
-    dtype: torch.dtype = torch.float32,
+    options: BuildOptions | None = None,
 ) -> ModelShard:
     """This rank's shard of ``source`` on ``groups.layout`` (collective over the layout).
 
@@ -44,7 +43,7 @@ def load_shard(
     (a critic initialised from the actor, a reward model from the SFT model).
     """
     if isinstance(source, ModelSpec):
-        return ModelShard.from_canonical(spec, groups, random_canonical(spec, seed), dtype=dtype)
+        return ModelShard.from_canonical(spec, groups, random_canonical(spec, seed), options=options)
     from lightning_real.models.hf import load_hf
 
-    return load_hf(source, groups, head=spec.head, init_value_head=init_value_head, dtype=dtype)
+    return load_hf(source, groups, head=spec.head, init_value_head=init_value_head, options=options)

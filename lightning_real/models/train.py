@@ -17,31 +17,34 @@ normalised the same way.
 or values ``[b, s, 1]`` (value head). Every tensor-parallel rank must compute the same loss:
 use :func:`vocab_parallel_logprobs` and :func:`vocab_parallel_entropy` on logits.
 
-Gradients are finished here rather than by megatron's ``finalize_model_grads``, which expects
-its ``DistributedDataParallel`` wrapper (contiguous ``main_grad`` buffers); the plain ``.grad``
-of each parameter is averaged and reduced directly over the layout's own groups.
+Precision and optimizer sharding (:class:`TrainConfig`): parameters live in flat buffers
+(:mod:`lightning_real.models.flat`) with fp32 main gradients ('32-true', 'bf16-mixed') or bf16
+ones ('bf16-true'); the data-parallel average is one all-reduce, or a reduce-scatter when each
+replica keeps 1/dp of the optimizer state (ZeRO-1), after which the updated parameters are
+all-gathered; 'bf16-mixed' updates fp32 master weights and refreshes the bf16 working copy
+(:class:`~lightning_real.models.optim.ShardedAdamW`). Gradients are finished here rather than by
+megatron-core's ``finalize_model_grads`` and ``DistributedOptimizer``, which need CUDA tensors.
+
+Packed sequences (``TrainConfig.token_budget``): the replica's rows are packed into rows of at most
+that many tokens (:mod:`lightning_real.models.packing`), one packed row per microbatch, so the
+microbatch count follows the budget; token-level losses and gradients are those of the padded batch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 
 from lightning_real.compat import cuda_to_cpu
 from lightning_real.layout import row_range
+from lightning_real.models.flat import FlatBuffers
 from lightning_real.models.forward import attention_mask_4d, position_ids
-from lightning_real.models.optim import (
-    OptimConfig,
-    build_adamw,
-    clip_grads_,
-    global_grad_norm,
-    lr_at,
-    set_lr_,
-)
+from lightning_real.models.optim import OptimConfig, ShardedAdamW, clip_, grad_norm, lr_at
+from lightning_real.models.packing import pack
 from lightning_real.models.shard import ModelShard
 from lightning_real.models.sharding import WORD_EMBEDDINGS
 
@@ -64,8 +67,15 @@ class TrainConfig:
     """Batch entry whose sum over the global batch divides the summed loss; None: the number of sequences."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimizer, learning-rate schedule and clipping."""
-    bucket_numel: int = 1 << 24
-    """Elements per all-reduce message when averaging gradients over the data-parallel group."""
+    precision: Literal["32-true", "bf16-mixed", "bf16-true"] = "32-true"
+    """'32-true': fp32 parameters, gradients and Adam states; 'bf16-mixed': bf16 parameters, fp32
+    main gradients, fp32 master weights and Adam states; 'bf16-true': all bf16. The shard's
+    parameters must already have the working dtype."""
+    distributed_optimizer: bool = False
+    """Split the optimizer state (and the gradient reduction) over the data-parallel group (ZeRO-1)."""
+    token_budget: int | None = None
+    """Pack the replica's rows into microbatches of at most this many tokens (one packed row each;
+    ``n_mbs`` is then ignored); None: ``n_mbs`` microbatches of padded rows."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.n_mbs, int) or self.n_mbs < 1:
@@ -74,8 +84,21 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.norm_key={self.norm_key!r}; allowed: a batch key or None")
         if not isinstance(self.optim, OptimConfig):
             raise ValueError(f"TrainConfig.optim={self.optim!r}; allowed: an OptimConfig")
-        if not isinstance(self.bucket_numel, int) or self.bucket_numel < 1:
-            raise ValueError(f"TrainConfig.bucket_numel={self.bucket_numel!r}; allowed: an integer >= 1")
+        if self.precision not in ("32-true", "bf16-mixed", "bf16-true"):
+            raise ValueError(
+                f"TrainConfig.precision={self.precision!r}; allowed: 32-true, bf16-mixed, bf16-true"
+            )
+        if self.token_budget is not None and (
+            not isinstance(self.token_budget, int) or self.token_budget < 1
+        ):
+            raise ValueError(
+                f"TrainConfig.token_budget={self.token_budget!r}; allowed: None or an integer >= 1"
+            )
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        """The working dtype of the parameters."""
+        return torch.float32 if self.precision == "32-true" else torch.bfloat16
 
 
 # ---- batches ------------------------------------------------------------------------------
@@ -115,21 +138,43 @@ class TrainEngine:
         self.steps = 0
         """Optimizer steps taken."""
         g = shard.groups
+        cfg = self.config
         self._params = shard.params()
-        self._tied_pp = (
+        self._tied_pp = bool(
             shard.member and shard.spec.tied_embeddings and shard.spec.head == "lm" and g.layout.pp > 1
         )
-        self.optimizer = build_adamw(self._params, self.config.optim) if shard.member else None
+        self.flat: FlatBuffers | None = None
+        self.sharded: ShardedAdamW | None = None
+        if shard.member:
+            dtypes = {p.dtype for _, p in self._params}
+            if dtypes != {cfg.param_dtype}:
+                raise ValueError(
+                    f"TrainConfig.precision={cfg.precision!r} trains {cfg.param_dtype} parameters; "
+                    f"this shard's are {sorted(map(str, dtypes))} (build it with that dtype)"
+                )
+            shards = g.layout.dp if cfg.distributed_optimizer else 1
+            grad_dtype = torch.bfloat16 if cfg.precision == "bf16-true" else torch.float32
+            self.flat = FlatBuffers(self._params, g, grad_dtype, shards)
+            self.sharded = ShardedAdamW(self.flat, cfg.optim, master_weights=cfg.precision == "bf16-mixed")
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The torch optimizer of this rank (None outside the layout)."""
+        return self.sharded.torch if self.sharded is not None else None
 
     @property
     def distributed(self) -> bool:
         """Whether Adam states are split over the data-parallel group (ZeRO-1)."""
-        return False
+        return self.flat is not None and self.flat.shards > 1
 
     @property
     def has_master_weights(self) -> bool:
         """Whether the optimizer updates fp32 master copies of 16-bit parameters."""
-        return False
+        return self.sharded is not None and self.sharded.master is not None
+
+    def optimizer_state_bytes(self) -> int:
+        """Bytes of this rank's optimizer state (Adam moments, master weights)."""
+        return self.sharded.state_bytes() if self.sharded is not None else 0
 
     @property
     def tp_group(self) -> Any:
@@ -141,10 +186,15 @@ class TrainEngine:
         """Learning rate the next step uses."""
         return lr_at(self.config.optim, self.steps)
 
+    def release_grads(self) -> int:
+        """Free the gradient buffer until the next step; the bytes freed (the runtime calls it
+        after each train call: between calls a model's gradients only take memory)."""
+        return self.flat.release_grads() if self.flat is not None else 0
+
     def zero_grad(self) -> None:
-        """Drop the gradients (frees their memory)."""
-        for _, p in self._params:
-            p.grad = None
+        """Drop the gradients from the parameters (the flat gradient buffer stays allocated)."""
+        if self.flat is not None:
+            self.flat.detach_grads()
 
     # ---- one step ---------------------------------------------------------------------------
     def step(self, batch: Batch) -> dict[str, float]:
@@ -159,28 +209,30 @@ class TrainEngine:
             return {}
         cfg, g = self.config, self.shard.groups
         module = self.shard.module
-        assert module is not None and self.optimizer is not None
+        flat, opt = self.flat, self.sharded
+        assert module is not None and flat is not None and opt is not None
         if INPUT_IDS not in batch:
             raise KeyError(f"training batch needs '{INPUT_IDS}'; it has {sorted(batch)}")
         norm = self._global_normaliser(batch)
         dev = self._device()
-        mbs = [{k: v.to(dev) for k, v in mb.items()} for mb in split_microbatches(batch, cfg.n_mbs)]
+        parts = pack(batch, cfg.token_budget)[0] if cfg.token_budget else split_microbatches(batch, cfg.n_mbs)
+        mbs = [{k: v.to(dev) for k, v in mb.items()} for mb in parts]
         module.train()
-        self.zero_grad()
+        flat.attach_grads()
         sums: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []
-        # megatron divides each microbatch's loss by n_mbs; the factor n_mbs undoes that, and
+        # megatron divides each microbatch's loss by their number; that factor undoes it, and
         # dp makes the replicas' gradient *average* equal the gradient of sum / normaliser.
-        scale = cfg.n_mbs * g.layout.dp / norm
+        scale = len(mbs) * g.layout.dp / norm
         self._run_schedule(mbs, scale, sums)
-        self._finish_grads()
-        grad_norm = global_grad_norm(self._params, g, self._tied_pp)
-        clip_grads_(self._params, cfg.optim.max_grad_norm, grad_norm)
+        tied = [s for s in flat.slots if self._tied_pp and s.spec.key == WORD_EMBEDDINGS]
+        flat.reduce(tied)
+        norm_value = grad_norm(flat, self._tied_pp)
+        clip_(flat, cfg.optim.max_grad_norm, norm_value)
         lr = self.lr
-        set_lr_(self.optimizer, lr)
-        self.optimizer.step()
+        opt.step(lr)
         self.steps += 1
         metrics = self._reduce_metrics(sums, norm)
-        metrics.update(grad_norm=grad_norm, lr=lr)
+        metrics.update(grad_norm=norm_value, lr=lr)
         return metrics
 
     def _global_normaliser(self, batch: Batch) -> float:
@@ -256,38 +308,6 @@ class TrainEngine:
                 pg_collection=g.pg_collection(),
             )
 
-    @torch.no_grad()
-    def _finish_grads(self) -> None:
-        g = self.shard.groups
-        for _, p in self._params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        if g.layout.dp > 1:
-            self._dp_average([p.grad for _, p in self._params if p.grad is not None])
-        if self._tied_pp:
-            # The embedding (first stage) and the output copy (last stage) are one weight: each
-            # copy gets the gradient of both uses.
-            for ps, p in self._params:
-                if ps.key == WORD_EMBEDDINGS:
-                    dist.all_reduce(p.grad, group=g.embd)
-
-    def _dp_average(self, grads: list[torch.Tensor]) -> None:
-        g = self.shard.groups
-        bucket: list[torch.Tensor] = []
-        numel = 0
-        for i, t in enumerate(grads):
-            bucket.append(t)
-            numel += t.numel()
-            if numel >= self.config.bucket_numel or i == len(grads) - 1:
-                flat = torch.cat([b.reshape(-1) for b in bucket])
-                dist.all_reduce(flat, group=g.dp)
-                flat /= g.layout.dp
-                off = 0
-                for b in bucket:
-                    b.copy_(flat[off : off + b.numel()].view_as(b))
-                    off += b.numel()
-                bucket, numel = [], 0
-
     def _reduce_metrics(
         self, sums: list[tuple[torch.Tensor, dict[str, torch.Tensor]]], norm: float
     ) -> dict[str, float]:
@@ -317,19 +337,21 @@ class TrainEngine:
     # ---- checkpoints ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """This rank's optimizer shard and step count (empty outside the layout)."""
-        if self.optimizer is None:
+        if self.sharded is None:
             return {}
         return {
             "layout": str(self.shard.layout),
             "coords": self.shard.groups.coords,
             "params": [ps.local_name for ps, _ in self._params],
             "steps": self.steps,
-            "optimizer": self.optimizer.state_dict(),
+            "precision": self.config.precision,
+            "distributed": self.distributed,
+            **self.sharded.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved on the same layout position."""
-        if self.optimizer is None:
+        if self.sharded is None:
             return
         want = (str(self.shard.layout), self.shard.groups.coords)
         have = (state.get("layout"), tuple(state.get("coords") or ()))
@@ -341,5 +363,11 @@ class TrainEngine:
         names = [ps.local_name for ps, _ in self._params]
         if state["params"] != names:
             raise ValueError("optimizer state was saved for a different parameter list")
-        self.optimizer.load_state_dict(state["optimizer"])
+        saved = (state.get("precision", "32-true"), bool(state.get("distributed", False)))
+        if saved != (self.config.precision, self.distributed):
+            raise ValueError(
+                f"optimizer state saved with precision={saved[0]!r}, distributed optimizer={saved[1]} "
+                f"cannot load into precision={self.config.precision!r}, distributed optimizer={self.distributed}"
+            )
+        self.sharded.load_state_dict(state)
         self.steps = int(state["steps"])

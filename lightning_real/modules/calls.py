@@ -110,26 +110,29 @@ def generate_call(
     return fn
 
 
-def logprob_call(n_mbs: int, out_key: str = "ref_logp", in_prefix: str = "") -> CallFn:
-    """``ref_inf``: log-probabilities of the sequence's tokens, zero off the response."""
+def logprob_call(
+    n_mbs: int, token_budget: int | None = None, out_key: str = "ref_logp", in_prefix: str = ""
+) -> CallFn:
+    """``ref_inf``: log-probabilities of the sequence's tokens, zero off the response (rows packed
+    to ``token_budget`` tokens when given)."""
     from lightning_real.models.forward import forward_logprobs
 
     def fn(shard: ModelShard | None, x: Rows) -> tuple[Rows, dict[str, float]]:
         assert shard is not None, "the call runs on its layout's ranks, which hold the model"
         seq, am, lm = (x[in_prefix + k] for k in ("seq", "attention_mask", "loss_mask"))
-        lp = forward_logprobs(shard, seq, am, n_mbs=n_mbs)
+        lp = forward_logprobs(shard, seq, am, n_mbs=n_mbs, token_budget=token_budget)
         return {out_key: lp * lm[:, 1:].to(lp.device, lp.dtype)}, {}
 
     return fn
 
 
-def value_call(n_mbs: int) -> CallFn:
+def value_call(n_mbs: int, token_budget: int | None = None) -> CallFn:
     """``critic_inf``: per-token values ``[B, S]``, zero on padding."""
     from lightning_real.models.forward import forward_values
 
     def fn(shard: ModelShard | None, x: Rows) -> tuple[Rows, dict[str, float]]:
         assert shard is not None, "the call runs on its layout's ranks, which hold the model"
-        v = forward_values(shard, x["seq"], x["attention_mask"], n_mbs=n_mbs)
+        v = forward_values(shard, x["seq"], x["attention_mask"], n_mbs=n_mbs, token_budget=token_budget)
         return {"values": v * x["attention_mask"].to(v.device, v.dtype)}, {}
 
     return fn
@@ -157,6 +160,7 @@ def reward_call(
     in_prefix: str = "",
     out_key: str = "rewards",
     index_key: str | None = None,
+    token_budget: int | None = None,
 ) -> CallFn:
     """``rew_inf``: one score per sequence, from a rule (``rule``) or a reward model (the shard).
 
@@ -172,7 +176,8 @@ def reward_call(
 
         assert shard is not None
         seq, am = x[in_prefix + "seq"], x[in_prefix + "attention_mask"]
-        return {out_key: last_token_scores(forward_values(shard, seq, am, n_mbs=n_mbs), am)}, {}
+        values = forward_values(shard, seq, am, n_mbs=n_mbs, token_budget=token_budget)
+        return {out_key: last_token_scores(values, am)}, {}
 
     return fn
 

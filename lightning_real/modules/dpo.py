@@ -118,7 +118,8 @@ class DPOModule(RLHFModule):
 
     def real_roles(self) -> tuple[RoleDecl, ...]:
         # norm_key None: the summed loss and metrics are divided by the number of pairs (rows).
-        training = Training(self._loss, self.optim, norm_key=None)
+        # Each row already holds a pair as two segments: rows are not packed further.
+        training = Training(self._loss, self.optim, norm_key=None, packable=False)
         return (
             RoleDecl("actor", self.actor_source, self.spec, self.seed, training=training),
             RoleDecl("ref", self.ref_source, self.ref_spec, self.seed),

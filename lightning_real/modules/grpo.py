@@ -142,8 +142,10 @@ class GRPOModule(RolloutModule):
     def role_training(self, role: str) -> Training | None:
         if role != "actor":
             return None
-        # token-mean divides by the global token count, the sequence modes by the row count
-        return Training(self._loss, self.actor_optim, norm_key=agg_norm_key(self.policy.loss_agg))
+        # token-mean divides by the global token count, the sequence modes by the row count; a
+        # per-sequence mean (seq-mean-token-mean, GSPO's sequence ratio) does not survive packing
+        norm = agg_norm_key(self.policy.loss_agg)
+        return Training(self._loss, self.actor_optim, norm_key=norm, packable=self.policy.packable)
 
     def real_calls(self, ctx: RuntimeContext) -> dict[str, CallFn]:
         g = self.grpo
@@ -168,13 +170,16 @@ class GRPOModule(RolloutModule):
                 group_size=g.group_size,
                 with_index=self.reward_needs_index,
             )
+        budget = ctx.features.token_budget
         fns = {"actor_gen": gen, "actor_train": self._train}
         if not self.dapo.dynamic_sampling:
-            fns["rew_inf"] = reward_call(self.reward_rule, ctx.microbatches("rew_inf"), index_key=index_key)
+            fns["rew_inf"] = reward_call(
+                self.reward_rule, ctx.microbatches("rew_inf"), index_key=index_key, token_budget=budget
+            )
         if self.use_ref:
-            fns["ref_inf"] = logprob_call(ctx.microbatches("ref_inf"))
+            fns["ref_inf"] = logprob_call(ctx.microbatches("ref_inf"), budget)
         if self.policy.tis_cap is not None:
-            fns["actor_inf"] = logprob_call(ctx.microbatches("actor_inf"), out_key=ACTOR_LOGP_KEY)
+            fns["actor_inf"] = logprob_call(ctx.microbatches("actor_inf"), budget, out_key=ACTOR_LOGP_KEY)
         return fns
 
     def _loss(self, out: torch.Tensor, mb: Rows) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

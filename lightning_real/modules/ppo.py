@@ -130,13 +130,16 @@ class PPOModule(RolloutModule):
     def role_training(self, role: str) -> Training | None:
         norm = agg_norm_key(self.ppo.loss_agg)
         if role == "actor":
-            return Training(self._actor_loss, self.actor_optim, norm_key=norm)
+            return Training(self._actor_loss, self.actor_optim, norm_key=norm, packable=self.policy.packable)
         if role == "critic":
-            return Training(self._critic_loss, self.critic_optim, norm_key=norm)
+            return Training(
+                self._critic_loss, self.critic_optim, norm_key=norm, packable=self.policy.packable
+            )
         return None
 
     # ---- the calls on every rank ------------------------------------------------------------------
     def real_calls(self, ctx: RuntimeContext) -> dict[str, CallFn]:
+        budget = ctx.features.token_budget
         self.controllers = {c: kl_controller(self.ppo) for c in ("actor_train", "critic_train")}
         self.normalizers = {c: RunningMeanStd() for c in ("actor_train", "critic_train")}
         fns = {
@@ -146,13 +149,14 @@ class PPOModule(RolloutModule):
                 self.seed_of_step,
                 with_index=self.reward_needs_index,
             ),
-            "ref_inf": logprob_call(ctx.microbatches("ref_inf")),
+            "ref_inf": logprob_call(ctx.microbatches("ref_inf"), budget),
             "rew_inf": reward_call(
                 self.reward_rule,
                 ctx.microbatches("rew_inf"),
                 index_key=PROMPT_INDEX_KEY if self.reward_needs_index else None,
+                token_budget=budget,
             ),
-            "critic_inf": value_call(ctx.microbatches("critic_inf")),
+            "critic_inf": value_call(ctx.microbatches("critic_inf"), budget),
             "actor_train": self._train_call("actor_train", "actor"),
             "critic_train": self._train_call("critic_train", "critic"),
         }

@@ -110,7 +110,8 @@ class ReMaxModule(RolloutModule):
     def role_training(self, role: str) -> Training | None:
         if role != "actor":
             return None
-        return Training(self._loss, self.actor_optim, norm_key=agg_norm_key(self.ppo.loss_agg))
+        norm = agg_norm_key(self.ppo.loss_agg)
+        return Training(self._loss, self.actor_optim, norm_key=norm, packable=self.policy.packable)
 
     def real_calls(self, ctx: RuntimeContext) -> dict[str, CallFn]:
         index_key = PROMPT_INDEX_KEY if self.reward_needs_index else None

@@ -66,7 +66,8 @@ class RewardModelModule(RLHFModule):
 
     def real_roles(self) -> tuple[RoleDecl, ...]:
         # norm_key None: the summed loss and metrics are divided by the number of pairs (rows).
-        training = Training(self._loss, self.optim, norm_key=None)
+        # Each row already holds a pair as two segments: rows are not packed further.
+        training = Training(self._loss, self.optim, norm_key=None, packable=False)
         return (
             RoleDecl("reward", self.source, self.spec, self.seed, init_value_head=True, training=training),
         )

@@ -5,12 +5,20 @@
 * ``disjoint``: actor and reference calls on the first half of the devices, critic and reward
   calls on the second half, each call with its fastest strategy there (the split
   ``RealStrategy(plan="disjoint")`` uses).
-* ``heuristic``: ReaL's published hand plan: generation on all devices with pipelining,
-  reference inference on all devices, actor training and reward inference on the first half,
-  critic training and inference on the second half.
+* ``mesh-heuristic``: ReaL's meshes with the fastest strategy on each: generation on all devices
+  with pipelining, reference inference on all devices, actor training and reward inference on the
+  first half, critic training and inference on the second half.
+* ``real-heuristic``: ReaL's own rule (its PPO experiments' ``heuristic`` allocation mode), the
+  meshes *and* the parallel degrees: generation on all devices as ``pp = max(2, nodes)``, tp 1;
+  on one node the actor and critic train on halves as d2t2 (models up to 7B) or d1t4 (up to
+  16B), the reference runs on all devices as d2t4, reward and critic inference on halves as d2t2;
+  on several nodes the trainings split the nodes by model size (tp 4, dp 2, pp = their nodes),
+  the reference takes all nodes (dp 2, tp 4, pp = nodes) and reward and critic inference split
+  them in halves. The paper's "x over heuristic" compares with this one.
 
-Within its device mesh each call takes its fastest strategy; when the whole plan does not fit,
-calls step down to slower strategies that need less memory until it does (or none is left).
+Within its device mesh each call takes its fastest strategy (``real-heuristic``: its fastest
+microbatch count for the given degrees); when the whole plan does not fit, calls step down to
+slower options that need less memory until it does (or none is left).
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from lightning_real.planner.space import Mesh, Option, options, strategies
 from lightning_real.planner.workload import Workload
 from lightning_real.plans import Plan
 
-BASELINES: tuple[str, ...] = ("symmetric", "disjoint", "heuristic")
+BASELINES: tuple[str, ...] = ("symmetric", "disjoint", "mesh-heuristic", "real-heuristic")
 
 
 def halves(cluster: Cluster) -> tuple[Mesh, Mesh] | None:
@@ -43,6 +51,7 @@ def _plan(choice: dict[str, tuple[Mesh, Option]], name: str) -> Plan:
         {c: o.layout(mesh) for c, (mesh, o) in choice.items()},
         {c: o.m for c, (mesh, o) in choice.items()},
         name,
+        {c: o.recompute for c, (mesh, o) in choice.items() if o.recompute != "none"},
     )
 
 
@@ -92,7 +101,7 @@ def fit_plan(
 
 
 def _options(w: Workload, call: MFC, size: int, cluster: Cluster) -> tuple[Option, ...]:
-    return options(call, w.spec(call), size, cluster, w.features)
+    return options(call, w.spec(call), size, cluster, w.features_of(call))
 
 
 def _on(
@@ -158,8 +167,8 @@ def disjoint(workload: Workload, cluster: Cluster) -> tuple[Plan | None, SimResu
     return fit_plan(workload, cluster, cand, "disjoint")
 
 
-def heuristic(workload: Workload, cluster: Cluster) -> tuple[Plan | None, SimResult | str]:
-    """ReaL's hand plan: generation and reference on all devices, the two trainings side by side."""
+def mesh_heuristic(workload: Workload, cluster: Cluster) -> tuple[Plan | None, SimResult | str]:
+    """ReaL's meshes, each call with its fastest strategy there."""
     everything = Mesh(0, cluster.n_devices)
     h = halves(cluster) or (everything, everything)
     cand = {}
@@ -172,13 +181,62 @@ def heuristic(workload: Workload, cluster: Cluster) -> tuple[Plan | None, SimRes
             cand[c.name] = _on(workload, c, h[1], cluster)
         else:
             cand[c.name] = _on(workload, c, h[0], cluster)
-    return fit_plan(workload, cluster, cand, "heuristic")
+    return fit_plan(workload, cluster, cand, "mesh-heuristic")
+
+
+def real_rule(workload: Workload, cluster: Cluster) -> dict[str, tuple[Mesh, tuple[int, int, int]]] | str:
+    """ReaL's heuristic allocation of the PPO calls: call -> (mesh, (dp, tp, pp)), or why it does not apply."""
+    g, nodes = cluster.gpus_per_node, cluster.nodes
+    if g != 8:
+        return f"ReaL's heuristic is defined for nodes of 8 devices, not {g}"
+    names = set(workload.names)
+    need = {"actor_gen", "actor_train", "critic_train", "ref_inf", "rew_inf", "critic_inf"}
+    if names != need:
+        return f"ReaL's heuristic allocates PPO's six calls; this graph has {sorted(names)}"
+    billions = {r: workload.specs[r].num_params() / 1e9 for r in ("actor", "critic")}
+    everything = Mesh(0, nodes * g)
+    gen_pp = max(2, nodes)
+    rule: dict[str, tuple[Mesh, tuple[int, int, int]]] = {
+        "actor_gen": (everything, (nodes * g // gen_pp, 1, gen_pp)),
+        "ref_inf": (everything, (2, 4, nodes)),
+    }
+    if nodes == 1:
+        for role, mesh in (("actor", Mesh(0, 4)), ("critic", Mesh(4, 4))):
+            if billions[role] > 16:
+                return f"ReaL's heuristic trains models of up to 16B on one node; the {role} has {billions[role]:.1f}B"
+            rule[f"{role}_train"] = (mesh, (2, 2, 1) if billions[role] <= 7 else (1, 4, 1))
+        rule["rew_inf"] = (Mesh(0, 4), (2, 2, 1))
+        rule["critic_inf"] = (Mesh(4, 4), (2, 2, 1))
+        return rule
+    a, c = billions["actor"], billions["critic"]
+    actor_nodes = min(-(-nodes * a // (a + c)), nodes - 1)
+    actor_nodes = int(max(1, actor_nodes))
+    rule["actor_train"] = (Mesh(0, actor_nodes * g), (2, 4, actor_nodes))
+    rule["critic_train"] = (Mesh(actor_nodes * g, (nodes - actor_nodes) * g), (2, 4, nodes - actor_nodes))
+    rew_nodes = -(-nodes // 2)
+    rule["rew_inf"] = (Mesh(0, rew_nodes * g), (2, 4, rew_nodes))
+    rule["critic_inf"] = (Mesh(rew_nodes * g, (nodes - rew_nodes) * g), (2, 4, nodes - rew_nodes))
+    return rule
+
+
+def real_heuristic(workload: Workload, cluster: Cluster) -> tuple[Plan | None, SimResult | str]:
+    """ReaL's own heuristic plan (:func:`real_rule`), its microbatch counts the fastest that fit."""
+    rule = real_rule(workload, cluster)
+    if isinstance(rule, str):
+        return None, rule
+    cand = {}
+    for c in workload.calls:
+        mesh, degrees = rule[c.name]
+        opts = tuple(o for o in _options(workload, c, mesh.size, cluster) if (o.dp, o.tp, o.pp) == degrees)
+        cand[c.name] = (mesh, opts)
+    return fit_plan(workload, cluster, cand, "real-heuristic")
 
 
 BASELINE_FNS: dict[str, Callable[..., tuple[Plan | None, SimResult | str]]] = {
     "symmetric": symmetric,
     "disjoint": disjoint,
-    "heuristic": heuristic,
+    "mesh-heuristic": mesh_heuristic,
+    "real-heuristic": real_heuristic,
 }
 
 

@@ -141,7 +141,13 @@ def _stage_pass(
     if not flash:
         # Unfused attention writes the fp32 scores, masks them, softmaxes them and reads them back.
         elementwise = elementwise + SCORE_PASSES * LOGIT_BYTES * mb * spec.num_heads / tp * keys
-    layer_t = np.maximum(flops / r.flops, streamed / r.mem_bw) + elementwise / r.ew_bw + r.hw.layer_overhead
+    # Matmuls over few rows (small decode batches, short prefills) run below the large-GEMM rate.
+    tokens = mb * seq
+    efficiency = tokens / (tokens + r.hw.matmul_half_tokens)
+    work = np.maximum(flops / (r.flops * efficiency), streamed / r.mem_bw) + elementwise / r.ew_bw
+    # A GPU launches kernels ahead of the work: the fixed cost shows only when the layer's work is
+    # shorter (decode steps); a CPU process does both in turn.
+    layer_t = np.maximum(work, r.hw.layer_overhead) if r.hw.async_launch else work + r.hw.layer_overhead
     comp = layers * layer_t
     comm = layers * 2 * r.tp.allreduce(mb * seq * h * dt, tp)
     if last and head_tokens:
@@ -154,6 +160,30 @@ def _stage_pass(
             # vocab-parallel softmax / sampling: small all-reduces of per-token maxima and sums
             comm += 2 * r.tp.allreduce(mb * head_tokens * LOGIT_BYTES, tp)
     return comp, comm
+
+
+def _recomputed(
+    recompute: str,
+    spec: ModelSpec,
+    r: _Rates,
+    tp: int,
+    layers: int,
+    mb: int,
+    seq: int,
+    forward: float,
+    flash: bool,
+) -> float:
+    """Seconds of the forward work recomputation repeats in backward, for one stage and microbatch:
+    the whole forward ('full'), the attention core ('selective': its score matmuls, and the
+    score passes of unfused attention), nothing ('none')."""
+    if recompute == "full":
+        return forward
+    if recompute == "selective":
+        keys = attention_positions(seq, 0)
+        flops = mb * 4 * spec.hidden_size / tp * keys
+        passes = 0.0 if flash else SCORE_PASSES * LOGIT_BYTES * mb * spec.num_heads / tp * keys
+        return layers * (flops / r.flops + passes / r.ew_bw)
+    return 0.0
 
 
 def _pipeline(stage_times: list[float], m: int) -> float:
@@ -217,9 +247,13 @@ def _timing(
     parts: dict[str, float] = {}
 
     if call.call_type == "generate":
-        mb = -(-rep_batch // m)
-        p2p_pre = ppl.send(mb * call.prompt_len * h * dt) if pp > 1 else 0.0
-        p2p_dec = ppl.send(mb * h * dt) if pp > 1 else 0.0
+        # m rounds one after another, each generating its share of the replica's rows with a KV
+        # cache of its own (the native generator's rounds): inside a round every decode step runs
+        # the stages in turn (one token per step needs the previous one out of the last stage),
+        # then samples, broadcasts the tokens and checks for the end (step_overhead).
+        rows = -(-rep_batch // m)
+        p2p_pre = ppl.send(rows * call.prompt_len * h * dt) if pp > 1 else 0.0
+        p2p_dec = ppl.send(rows * h * dt) if pp > 1 else 0.0
         ctx = np.arange(call.prompt_len, call.prompt_len + call.gen_len - 1, dtype=np.float64)
         pre_stages, dec_stages = [], []
         comp_pre = comm_pre = 0.0
@@ -227,22 +261,20 @@ def _timing(
         comm_dec = 0.0
         for s, layers in enumerate(counts):
             last = s == pp - 1
-            c, t = _stage_pass(spec, r, tp, layers, last, mb, call.prompt_len, 0, 1, flash)
+            c, t = _stage_pass(spec, r, tp, layers, last, rows, call.prompt_len, 0, 1, flash)
             pre_stages.append(float(c) + t + (0.0 if last else p2p_pre))
-            comp_pre, comm_pre = max(comp_pre, float(c)), max(comm_pre, t)
-            c, t = _stage_pass(spec, r, tp, layers, last, mb, 1, ctx, 1, flash)
-            dec_stages.append(np.asarray(c) + t)
-            comp_dec, comm_dec = np.maximum(comp_dec, c), max(comm_dec, t)
-        prefill = _pipeline(pre_stages, m)
+            comp_pre, comm_pre = comp_pre + float(c), comm_pre + t
+            c, t = _stage_pass(spec, r, tp, layers, last, rows, 1, ctx, 1, flash)
+            dec_stages.append(np.asarray(c) + t + (0.0 if last else p2p_dec))
+            comp_dec, comm_dec = comp_dec + c, comm_dec + t
+        prefill = sum(pre_stages)
         dec = np.stack(dec_stages) if dec_stages[0].size else np.zeros((pp, 0))
-        # A microbatch's next token needs its previous one out of the last stage; with m >= pp
-        # microbatches in rotation every stage stays busy, with fewer the pipeline waits.
-        step = np.maximum(m * dec.max(axis=0), (dec + p2p_dec).sum(axis=0)) + hw.step_overhead
-        decode = float(step.sum())
-        time = prefill + decode
+        step = dec.sum(axis=0) + hw.step_overhead
+        time = m * (prefill + float(step.sum()))
         busy_s = m * (sum(pre_stages) + float(dec.sum()))
-        parts["compute"] = m * comp_pre + m * float(comp_dec.sum())
-        parts["tp_comm"] = m * comm_pre + m * comm_dec * ctx.size
+        parts["compute"] = m * (comp_pre + float(comp_dec.sum()))
+        parts["tp_comm"] = m * (comm_pre + comm_dec * ctx.size)
+        parts["step_overhead"] = m * hw.step_overhead * ctx.size
     else:
         train = call.call_type == "train"
         passes = call.minibatches if train else 1
@@ -257,8 +289,10 @@ def _timing(
             c, t = _stage_pass(spec, r, tp, layers, last, mb, seq, 0, seq, flash)
             c = float(c)
             if train:
-                # backward: input and weight gradients, the same all-reduces again
-                c, t, send = (1 + hw.backward_factor) * c, 2 * t, 2 * p2p
+                # backward: input and weight gradients, the same all-reduces again; recomputation
+                # runs (part of) the forward once more before each layer's backward
+                again = _recomputed(features.recompute, spec, r, tp, layers, mb, seq, c, flash)
+                c, t, send = (1 + hw.backward_factor) * c + again, 2 * t, 2 * p2p
             else:
                 send = p2p
             stages.append(c + t + (0.0 if last else send))

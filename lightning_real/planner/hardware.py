@@ -16,7 +16,10 @@ achieved, so both are visible and the effective rate is their product. Sources:
 Assumed achieved fractions (the same for the three GPUs): 60% of peak matmul throughput
 (large bf16 GEMMs in Megatron-style training reach 50-70%), 80% of memory bandwidth, 80% of
 NVLink and of InfiniBand bandwidth as collective bus bandwidth. Latencies are per collective
-step: 10 us inside a node, 20 us between nodes. A profile measured on a real machine
+step: 10 us inside a node, 20 us between nodes. Fixed costs of eager execution, assumed: 100 us
+per layer per pass, 1 ms per decode step; matmuls of 64 rows at half the GEMM rate. The H200's
+bf16 GEMM rate was measured at about 790 TFLOP/s (8192^3, torch) on the lent machine, 80% of
+its data-sheet peak. A profile measured on a real machine
 (:mod:`lightning_real.planner.calibrate`) replaces all of these with numbers of its own.
 """
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 GB = 1e9
 TB = 1e12
@@ -70,7 +74,14 @@ class HardwareProfile:
     a forward's matmuls)."""
     step_overhead: float = 0.0
     """Fixed time per decode step of generation beyond the layers (sampling, KV-cache bookkeeping,
-    broadcasting the new tokens), seconds; 0 assumes a graph-captured decode loop."""
+    broadcasting the new tokens, the host's check for the end), seconds; 0 assumes a
+    graph-captured decode loop."""
+    async_launch: bool = False
+    """Whether the device runs kernels while the host launches the next ones (GPUs): a layer then
+    takes the larger of its work and ``layer_overhead``, else their sum (CPU processes)."""
+    matmul_half_tokens: float = 0.0
+    """Rows (tokens) at which a matmul reaches half the large-GEMM rate: a pass over ``n`` tokens
+    runs at ``n / (n + matmul_half_tokens)`` of it; 0: every matmul at the full rate."""
     usable_mem_fraction: float = 0.9
     """Fraction of ``mem_bytes`` a plan may fill (the rest goes to the framework and fragmentation)."""
     node_flops: float | None = None
@@ -126,13 +137,21 @@ class HardwareProfile:
         return min(self.mem_bw, self.node_mem_bw / max(1, active_in_node))
 
 
-_COMMON = dict(
+_COMMON: dict[str, Any] = dict(
     flops_efficiency=0.6,
     mem_bw_efficiency=0.8,
     intra_latency=10e-6,
     inter_latency=20e-6,
     fp32_flops_ratio=0.5,
-    layer_overhead=20e-6,
+    # Eager (not graph-captured) execution, assumed: a transformer layer launches ~20 kernels
+    # (norms, GEMMs, rotary, attention, activation, residuals) at ~5 us each.
+    layer_overhead=100e-6,
+    async_launch=True,
+    # Per decode step, assumed: sampling kernels, the vocab-parallel all-gather and all-reduce, the
+    # pipeline broadcast of the new tokens and one host synchronisation (the end-of-sequence test).
+    step_overhead=1e-3,
+    # Tensor-core GEMMs tile 64-128 rows: a pass over 64 tokens runs at about half the large-GEMM rate.
+    matmul_half_tokens=64.0,
 )
 
 H100 = HardwareProfile(

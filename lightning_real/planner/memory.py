@@ -50,13 +50,14 @@ class MemoryBreakdown:
 
     @property
     def states(self) -> float:
-        """What stays on the device between calls when the layout is the model's home."""
-        return self.params + self.grads + self.optimizer
+        """What stays on the device between calls when the layout is the model's home: the
+        parameters and the optimizer state (the runtime frees the gradients after each train call)."""
+        return self.params + self.optimizer
 
     @property
     def transient(self) -> float:
         """What exists only while the call runs."""
-        return self.activations + self.kv_cache + self.logits
+        return self.grads + self.activations + self.kv_cache + self.logits
 
     def describe(self) -> str:
         """'params 13.5 GB + grads ... = total' for reasons and reports."""
@@ -142,7 +143,17 @@ def call_memory(
             if features.distributed_optimizer(dp):
                 optim /= dp
             in_flight = min(m, pp - stage)
-            act = in_flight * mb * counts[stage] * (call.seq_len * act_layer + scores(call.seq_len))
+            seq = call.seq_len
+            if features.recompute == "full":
+                # only each layer's input is kept; one layer's activations exist while it is recomputed
+                kept = counts[stage] * seq * spec.hidden_size * dtype_bytes
+                act = in_flight * mb * kept + mb * (seq * act_layer + scores(seq))
+            elif features.recompute == "selective":
+                # the attention core's output and scores are recomputed, not kept
+                core = spec.hidden_size / tp * dtype_bytes
+                act = in_flight * mb * counts[stage] * seq * (act_layer - core)
+            else:
+                act = in_flight * mb * counts[stage] * (seq * act_layer + scores(seq))
             if last:
                 logits = 2 * mb * call.seq_len * vocab * LOGIT_BYTES
         else:
@@ -150,7 +161,8 @@ def call_memory(
             # Forward only: one layer's working set at a time.
             act = mb * (seq * act_layer + scores(seq))
             if call.call_type == "generate":
-                kv = rep_batch * call.seq_len * counts[stage] * kv_width
+                # one round's rows at a time (the generate call's microbatches are rounds)
+                kv = mb * call.seq_len * counts[stage] * kv_width
                 if last:
                     logits = mb * vocab * LOGIT_BYTES
             elif last:

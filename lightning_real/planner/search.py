@@ -101,7 +101,9 @@ class _Space:
         self.by_size = {s: [m for m in self.all_meshes if m.size == s] for s in self.sizes}
         # Sizes on which each call fits at all.
         self.fit_sizes = {
-            c.name: [s for s in self.sizes if options(c, workload.spec(c), s, cluster, workload.features)]
+            c.name: [
+                s for s in self.sizes if options(c, workload.spec(c), s, cluster, workload.features_of(c))
+            ]
             for c in workload.calls
         }
         for c in workload.calls:
@@ -112,7 +114,7 @@ class _Space:
 
     def opts(self, call: str, size: int) -> tuple[Option, ...]:
         w = self.workload
-        return options(w.call(call), w.spec(call), size, self.cluster, w.features)
+        return options(w.call(call), w.spec(call), size, self.cluster, w.features_of(call))
 
     def random_mesh(self, call: str, rng: random.Random) -> Mesh:
         size = rng.choice(self.fit_sizes[call])
@@ -125,7 +127,9 @@ class _Space:
 
     def same_strategy(self, call: str, size: int, o: Option, rng: random.Random) -> Option:
         opts = self.opts(call, size)
-        same = [x for x in opts if (x.dp, x.tp, x.pp, x.m) == (o.dp, o.tp, o.pp, o.m)]
+        same = [
+            x for x in opts if (x.dp, x.tp, x.pp, x.m, x.recompute) == (o.dp, o.tp, o.pp, o.m, o.recompute)
+        ]
         return same[0] if same else rng.choice(opts)
 
 
@@ -141,6 +145,7 @@ def _to_plan(state: State, name: str) -> Plan:
         {c: o.layout(mesh) for c, (mesh, o) in state.items()},
         {c: o.m for c, (mesh, o) in state.items()},
         name,
+        {c: o.recompute for c, (mesh, o) in state.items() if o.recompute != "none"},
     )
 
 
@@ -152,7 +157,8 @@ def _from_plan(plan: Plan, space: _Space) -> State:
         o = next(
             x
             for x in space.opts(c, mesh.size)
-            if (x.dp, x.tp, x.pp, x.m) == (lay.dp, lay.tp, lay.pp, plan.microbatches[c])
+            if (x.dp, x.tp, x.pp, x.m, x.recompute)
+            == (lay.dp, lay.tp, lay.pp, plan.microbatches[c], plan.recompute.get(c, "none"))
         )
         state[c] = (mesh, o)
     return state
@@ -194,7 +200,11 @@ def _polish(
                 if other == mesh or other.size not in space.fit_sizes[call]:
                     continue
                 opts = space.opts(call, other.size)
-                same = [y for y in opts if (y.dp, y.tp, y.pp, y.m) == (o.dp, o.tp, o.pp, o.m)]
+                same = [
+                    y
+                    for y in opts
+                    if (y.dp, y.tp, y.pp, y.m, y.recompute) == (o.dp, o.tp, o.pp, o.m, o.recompute)
+                ]
                 moves += [(other, y) for y in [opts[0], *same[:1]]]
             for move in moves:
                 if move == state[call]:

@@ -99,7 +99,7 @@ def _place(
     realloc = None
     busy = float(free[span].max())
     if lay != home:
-        rt = realloc_time(workload.spec(c), home, lay, cluster, workload.features.param_bytes)
+        rt = realloc_time(workload.spec(c), home, lay, cluster, workload.features_of(c).param_bytes)
         if rt > 0:
             hspan = _span(home)
             rstart = max(params_ready.get(c.role, 0.0), busy, float(free[hspan].max()))
@@ -126,7 +126,8 @@ def simulate(workload: Workload, plan: Plan, cluster: Cluster, check_memory: boo
     for c in workload.calls:
         lay = plan.layouts[c.name]
         m = plan.n_mbs(workload.graph, c.name)
-        costs[c.name] = call_cost(c, workload.spec(c), lay.dp, lay.tp, lay.pp, m, cluster, workload.features)
+        feats = workload.features_of(c, plan.recompute.get(c.name))
+        costs[c.name] = call_cost(c, workload.spec(c), lay.dp, lay.tp, lay.pp, m, cluster, feats)
 
     peak: dict[str, float] = {}
     reason = None

@@ -7,11 +7,11 @@ node (tp divides the devices per node) and must divide the attention and key/val
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from lightning_real.dataflow import MFC
-from lightning_real.features import RuntimeFeatures
+from lightning_real.features import Recompute, RuntimeFeatures
 from lightning_real.layout import Layout
 from lightning_real.models.spec import ModelSpec
 from lightning_real.planner.cost import CallCost, call_cost
@@ -19,6 +19,9 @@ from lightning_real.planner.hardware import Cluster
 from lightning_real.planner.memory import call_memory
 
 MICROBATCH_CHOICES: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+GENERATE_ROUNDS = 3
+"""Round counts a generate call keeps per strategy: the fewest that fit on their own, and the next
+two (the whole plan's memory may need more than one call alone)."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,8 @@ class Option:
     """Microbatches per replica."""
     cost: CallCost
     """Time and memory under this strategy."""
+    recompute: str = "none"
+    """Activation recomputation of a train call (a choice when the features say 'auto')."""
 
     def layout(self, mesh: Mesh) -> Layout:
         """This strategy placed on ``mesh``."""
@@ -102,14 +107,13 @@ def strategies(call: MFC, spec: ModelSpec, n: int, gpus_per_node: int) -> list[t
 def microbatch_choices(call: MFC, dp: int, pp: int) -> list[int]:
     """Microbatch counts worth trying: powers of two up to the sequences a replica sees per step.
 
-    Generation takes at most ``2 * pp``: more microbatches than keep the pipeline busy only read
-    the weights more often and do not shrink the KV cache.
+    For generation they are rounds (the rows generated one group after another, each with its
+    own KV cache): more rounds are slower, so only a KV cache that does not fit makes them win.
     """
     per_step = -(-call.batch_size // dp)
     if call.call_type == "train":
         per_step = -(-per_step // call.minibatches)
-    cap = min(per_step, 2 * pp) if call.call_type == "generate" else per_step
-    return [m for m in MICROBATCH_CHOICES if m <= cap]
+    return [m for m in MICROBATCH_CHOICES if m <= per_step]
 
 
 @lru_cache(maxsize=4096)
@@ -123,12 +127,21 @@ def options(
     does not run at its model's home; the simulator checks the whole plan.
     """
     usable = cluster.hw.usable_mem
+    choices: tuple[Recompute, ...] = (
+        ("none", "selective", "full") if features.recompute == "auto" else (features.recompute,)
+    )
     out = []
     for dp, tp, pp in strategies(call, spec, n, cluster.gpus_per_node):
+        rounds = 0
         for m in microbatch_choices(call, dp, pp):
-            # Memory is cheap to price, time is not: skip what cannot fit first.
-            if call_memory(call, spec, dp, tp, pp, m, features).total > usable:
-                continue
-            out.append(Option(dp, tp, pp, m, call_cost(call, spec, dp, tp, pp, m, cluster, features)))
+            if call.call_type == "generate" and rounds == GENERATE_ROUNDS:
+                break  # more rounds are only slower: the fewest that fit (and two more) suffice
+            for rc in choices:
+                f = replace(features, recompute=rc)
+                # Memory is cheap to price, time is not: skip what cannot fit first.
+                if call_memory(call, spec, dp, tp, pp, m, f).total > usable:
+                    continue
+                out.append(Option(dp, tp, pp, m, call_cost(call, spec, dp, tp, pp, m, cluster, f), rc))
+                rounds += 1
     out.sort(key=lambda o: (o.cost.time, o.cost.memory.total))
     return tuple(out)

@@ -42,6 +42,7 @@ def realloc_time(spec: ModelSpec, src: Layout, dst: Layout, cluster: Cluster, el
     return max(c.max_recv_bytes * per_byte, send_bound) + latency
 
 
+@lru_cache(maxsize=1 << 16)
 def data_move_time(nbytes: float, src: Layout, dst: Layout, cluster: Cluster) -> float:
     """Seconds to hand ``nbytes`` of outputs from a call on ``src`` to a consumer on ``dst``.
 

@@ -34,6 +34,9 @@ class Workload:
     """Precision, optimizer sharding, attention, recomputation, generation backend, offload."""
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     """Free-form description (recipe name, sizes) for reports."""
+    _features: dict[tuple[str, str | None], RuntimeFeatures] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    )
 
     def __post_init__(self) -> None:
         missing = [r for r in self.graph.roles() if r not in self.specs]
@@ -74,6 +77,15 @@ class Workload:
     def homes(self) -> dict[str, str]:
         """Role -> the call whose layout is its home (the runtime's rule)."""
         return self.graph.home_calls()
+
+    def features_of(self, call: MFC | str, recompute: str | None = None) -> RuntimeFeatures:
+        """The features ``call`` is priced with (its role's precision; recomputation in train
+        calls, ``recompute`` being the plan's choice when the features leave it to the plan)."""
+        c = self.call(call) if isinstance(call, str) else call
+        key = (c.name, recompute)
+        if key not in self._features:  # the search asks for the same ones many thousand times
+            self._features[key] = self.features.for_call(c.role, c.call_type, recompute)
+        return self._features[key]
 
     def with_features(self, features: RuntimeFeatures) -> Workload:
         """The same iteration under other features."""

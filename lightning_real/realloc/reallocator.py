@@ -11,13 +11,13 @@ unless asked to keep it, frees the source's storage afterwards. Every rank of th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from lightning_real.distributed.groups import GroupRegistry
 from lightning_real.layout import Layout
-from lightning_real.models.build import zero_vocab_padding_
+from lightning_real.models.build import BuildOptions, zero_vocab_padding_
 from lightning_real.models.shard import ModelShard
 from lightning_real.models.spec import ModelSpec, check_layout
 from lightning_real.realloc import memory
@@ -35,7 +35,9 @@ class ReallocConfig:
     gpus_per_node: int = 8
     """Ranks per node: senders on the receiver's node are preferred."""
     dtype: torch.dtype = torch.float32
-    """Parameter dtype of the model's shards."""
+    """Parameter dtype of the model's shards (the working copy; bfloat16 in bf16 runs)."""
+    attention: Literal["local", "sdpa"] = "sdpa"
+    """Core attention of the copies built on other layouts."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.bucket_bytes, int) or self.bucket_bytes <= 0:
@@ -93,7 +95,8 @@ class Reallocator:
         lay = self.resolve(layout)
         if lay not in self._shards:
             groups = self.registry.for_layout(lay)
-            self._shards[lay] = ModelShard.build(self.spec, groups, seed=seed, dtype=self.config.dtype)
+            options = BuildOptions(dtype=self.config.dtype, attention=self.config.attention)
+            self._shards[lay] = ModelShard.build(self.spec, groups, seed=seed, options=options)
         return self._shards[lay]
 
     def holds(self, layout: Layout | str) -> bool:

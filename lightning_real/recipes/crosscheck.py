@@ -24,6 +24,23 @@ def module_graph(module: Any) -> Any:
         raise RecipeError(f"key 'n_mbs': {e}") from None
 
 
+MINIBATCH_KEYS: dict[str, str] = {"ppo": "ppo.minibatches", "grpo": "grpo.minibatches"}
+"""The recipe key of each algorithm that sets its train calls' optimizer steps per batch."""
+
+
+def plan_error_key(recipe: Recipe, error: Any) -> str:
+    """The recipe key that set what a :class:`~lightning_real.plans.PlanError` is about: the
+    microbatch count (``n_mbs``), the minibatches, GRPO's groups, or else the plan."""
+    if error.cause == "microbatches" and not error.from_plan:
+        n_mbs = recipe.n_mbs
+        return f"n_mbs.{error.call}" if isinstance(n_mbs, dict) and error.call in n_mbs else "n_mbs"
+    if error.cause == "minibatches" and recipe.algorithm in MINIBATCH_KEYS:
+        return MINIBATCH_KEYS[recipe.algorithm]
+    if error.cause == "groups" and recipe.algorithm == "grpo":
+        return "grpo.group_size"
+    return "plan"
+
+
 def check_plan(recipe: Recipe, module: Any, graph: Any, world: World) -> None:
     """The plan fits the graph, the module's models and the world (a named 'search' runs later)."""
     from lightning_real.plans import PlanError, resolve_plan
@@ -33,9 +50,11 @@ def check_plan(recipe: Recipe, module: Any, graph: Any, world: World) -> None:
     try:
         resolve_plan(recipe.plan, graph, world.size, module.real_specs())  # search: checked when run
     except PlanError as e:
-        # PlanError names the plan ('plan plan: ...'); here the key says which plan it is.
+        # PlanError names the plan ('plan plan: ...'); here the key says which setting is at fault.
         text = re.sub(r"^plan \S+: ", "", str(e))
-        raise RecipeError(f"key 'plan': {text} (the run has {world.size} processes)") from None
+        raise RecipeError(
+            f"key {plan_error_key(recipe, e)!r}: {text} (the run has {world.size} processes)"
+        ) from None
 
 
 def sequence_length(recipe: Recipe) -> tuple[int, str]:

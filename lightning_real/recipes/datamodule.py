@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import fields, replace
 
 from lightning.pytorch import LightningDataModule
@@ -18,6 +19,7 @@ def make_datamodule(recipe: Recipe) -> LightningDataModule:
     Reading here, in the launching process, turns a bad row into one message before any worker
     starts; spawned workers receive the rows already read.
     """
+    from lightning_real.data.datasets import LengthError
     from lightning_real.data.modules import PreferenceDataModule, PromptDataModule, SFTDataModule
     from lightning_real.data.rows import DataError
 
@@ -31,6 +33,8 @@ def make_datamodule(recipe: Recipe) -> LightningDataModule:
     try:
         dm = cls(d.train, tokenizer=d.tokenizer, val=d.val, config=config)
         dm.setup("fit")
+    except LengthError as e:
+        raise RecipeError(f"key 'data.{e.limit}': {_keys(str(e))}") from None
     except (DataError, OSError) as e:
         raise RecipeError(str(e)) from None
     except (ValueError, TypeError) as e:
@@ -40,8 +44,17 @@ def make_datamodule(recipe: Recipe) -> LightningDataModule:
         rounds = (
             "" if config.batch_size == d.batch_size else f" x grpo.max_gen_rounds={recipe.grpo.prompt_rounds}"
         )
+        dropped = getattr(dm.train_set, "num_rejected", 0)
+        why = (
+            f"; {dropped} rows over the length limit were dropped (data.truncation=reject)" if dropped else ""
+        )
         raise RecipeError(
             f"key 'data.batch_size': {d.batch_size}{rounds} is more than the {n} rows of {d.train} "
-            "(after the length limits); lower it or give more data"
+            f"(after the length limits{why}); lower it or give more data"
         )
     return dm
+
+
+def _keys(text: str) -> str:
+    """A data-module message with its option names as recipe keys (max_len -> data.max_len)."""
+    return re.sub(r"\b(?<!data\.)(max_prompt_len|max_len|truncation)\b", r"data.\1", text)

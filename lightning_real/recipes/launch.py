@@ -1,7 +1,7 @@
 """How a recipe's processes start: under torchrun (or ``fabric run``), or launched by Lightning.
 
 Under torchrun the processes already exist: Lightning reads the torchelastic environment, and
-the recipe's devices and nodes must match what torchrun started. Otherwise Lightning starts
+the run takes torchrun's processes per node and nodes, whatever the recipe's devices say. Otherwise Lightning starts
 them, either by re-running this process's command line once per rank ('popen', Lightning's way
 for scripts) or by spawning workers from this process ('spawn', needed when the recipe was
 started from Python, e.g. a test or a notebook, whose command line would not run it again).
@@ -49,7 +49,9 @@ def local_devices(accelerator: str) -> int:
 
 
 def resolve_world(trainer: TrainerConfig) -> World:
-    """Devices and nodes of the run; under torchrun they must equal what torchrun started."""
+    """Devices and nodes of the run. Under torchrun they are torchrun's: a recipe's own
+    ``trainer.devices`` / ``trainer.num_nodes`` (the tiny recipes say 4 devices) give way to the
+    processes the launcher started, with one line saying so."""
     for key in ("devices", "num_nodes"):
         v = getattr(trainer, key)
         if v is not None and v < 1:
@@ -58,19 +60,24 @@ def resolve_world(trainer: TrainerConfig) -> World:
         return World(trainer.devices or local_devices(trainer.accelerator), trainer.num_nodes or 1)
     world = int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    devices = trainer.devices or local
-    if devices != local:
+    if world % local:
         raise RecipeError(
-            f"key 'trainer.devices': {devices}, but torchrun started {local} processes per node "
-            f"(--nproc-per-node {local}); set trainer.devices={local} or leave it null"
+            f"torchrun's world size {world} is not a whole number of nodes of {local} processes; "
+            "start the same --nproc-per-node on every node"
         )
-    nodes = trainer.num_nodes or max(1, world // local)
-    if devices * nodes != world:
-        raise RecipeError(
-            f"key 'trainer.num_nodes': {nodes} nodes x {devices} processes != torchrun's world size {world}; "
-            "leave trainer.num_nodes null"
-        )
-    return World(devices, nodes)
+    nodes = world // local
+    for key, given, actual, flag in (
+        ("devices", trainer.devices, local, "--nproc-per-node"),
+        ("num_nodes", trainer.num_nodes, nodes, "--nnodes"),
+    ):
+        if given is not None and given != actual:
+            from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+            rank_zero_info(
+                f"trainer.{key}={given} from the recipe gives way to torchrun's {flag} {actual}: "
+                "a run under a launcher takes the launcher's processes"
+            )
+    return World(local, nodes)
 
 
 def start_method(trainer: TrainerConfig, argv: Sequence[str] | None) -> str:

@@ -35,7 +35,8 @@ from lightning_real.planner.workload import GPU_FEATURES, Workload, ppo_workload
 
 PRESETS: tuple[str, ...] = (*(f"{p}-{s}" for p in ("llama2", "ppo") for s in LLAMA2_SIZES), "tiny")
 _SCALARS = ("batch_size", "prompt_len", "gen_len", "ppo_minibatches")
-_DEFAULTS = {"batch_size": 512, "prompt_len": 128, "gen_len": 128, "ppo_minibatches": 1}
+_DEFAULTS = {"batch_size": 512, "prompt_len": 128, "gen_len": 128, "ppo_minibatches": 4}
+"""The paper's PPO settings (ReaL trained with 4 minibatches per iteration)."""
 
 
 def model_from(entry: Any, head: Literal["lm", "value"], where: str, base: Path | None = None) -> ModelSpec:

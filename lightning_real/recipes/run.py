@@ -2,7 +2,9 @@
 
 The same arguments as ``lightning-real run``; runs under ``torchrun --nproc-per-node N -m
 lightning_real.recipes.run ...`` and ``fabric run .../lightning_real/recipes/run.py ...``.
-A recipe error prints one line (``lightning-real run: error: ...``) and exits with status 2.
+A recipe error prints one line (``lightning-real run: error: ...``) and exits with status 2; a
+rank that died or did not arrive is named in one such line by each rank that noticed
+(:class:`~lightning_real.distributed.status.RankFailure`), with status 1.
 """
 
 from __future__ import annotations
@@ -63,11 +65,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def execute(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     """Run parsed arguments; ``argv`` as :func:`lightning_real.recipes.builder.build` takes it."""
+    from lightning_real.distributed.status import RankFailure
+
     try:
         return _execute(args, argv)
     except RecipeError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
+    except RankFailure as e:  # the traceback would show only where this rank waited
+        print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
+        return 1
 
 
 def _execute(args: argparse.Namespace, argv: Sequence[str] | None) -> int:

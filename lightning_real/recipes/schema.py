@@ -84,10 +84,10 @@ class TrainerConfig:
     """The Lightning Trainer, its loggers and checkpoints."""
 
     devices: int | None = None
-    """Processes per node; null: the processes torchrun (or fabric run) started per node, else
-    one per visible GPU (one on CPU). Under torchrun it must equal --nproc-per-node."""
+    """Processes per node; null: one per visible GPU (one on CPU). Under torchrun (or fabric run)
+    the processes it started per node, whatever this says."""
     num_nodes: int | None = None
-    """Nodes; null: the torchrun world size over its processes per node, else 1."""
+    """Nodes; null: 1. Under torchrun its world size over its processes per node, whatever this says."""
     accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
     """Lightning accelerator; CPU runs use gloo, GPUs NCCL."""
     precision: Literal["32-true", "32", "bf16-mixed", "bf16-true"] | None = None
@@ -140,6 +140,9 @@ class StrategyConfig:
     node are preferred); null: torchrun's LOCAL_WORLD_SIZE, else trainer.devices."""
     trace: bool = False
     """Write a Chrome trace of every logged step to output_dir/traces."""
+    timeout_s: float | None = None
+    """Seconds any collective may wait for the other ranks (every process group of the run); a
+    rank that died or stopped answering fails the run within this; null: 300 on CPU, 1800 on GPU."""
 
 
 @dataclass(frozen=True)

@@ -101,6 +101,7 @@ def make_trainer(recipe: Recipe, world: World, start_method: str) -> Trainer:
         features=features,
         trace_dir=str(Path(t.output_dir) / "traces") if s.trace else None,
         search_steps=s.search_steps,
+        timeout_s=s.timeout_s,
         start_method=start_method,
     )
     try:
@@ -116,7 +117,7 @@ def make_trainer(recipe: Recipe, world: World, start_method: str) -> Trainer:
             logger=make_logger(recipe),
             callbacks=make_callbacks(recipe),
             enable_checkpointing=t.checkpoint_every_n_steps > 0,
-            enable_model_summary=False,
+            enable_model_summary=True,  # RealStrategy shows its role summary in its place
             enable_progress_bar=t.progress_bar,
             num_sanity_val_steps=0,
             **val,

@@ -73,15 +73,33 @@ def check_paths(recipe: Recipe) -> None:
             raise RecipeError(
                 f"key 'data.tokenizer': {d.tokenizer!r} holds neither {' nor '.join(_TOKENIZER_FILES)}"
             )
-    resume = recipe.trainer.resume_from
-    if resume is not None:
-        if not Path(resume).exists():
-            raise RecipeError(f"key 'trainer.resume_from': checkpoint {resume!r} does not exist")
-        if not (Path(resume) / "meta.pt").is_file():
-            raise RecipeError(
-                f"key 'trainer.resume_from': {resume!r} has no meta.pt (expected a checkpoint folder "
-                "written by a recipe run)"
-            )
+    if recipe.trainer.resume_from is not None:
+        check_resume(recipe.trainer.resume_from)
+
+
+def check_resume(resume: str) -> None:
+    """``resume`` is a complete checkpoint folder, or the one an interrupted save left beside it
+    (``<name>.old``, which the run loads); otherwise the error names the newest complete one."""
+    from lightning_real.checkpoint.folders import CheckpointError, complete_folder
+    from lightning_real.checkpoint.sharded import META_FILE, newest_checkpoint
+
+    path = Path(resume)
+    try:
+        complete_folder(path, META_FILE)
+        return
+    except CheckpointError:
+        pass
+    if not path.exists():
+        problem = f"checkpoint {resume!r} does not exist"
+    else:
+        problem = f"{resume!r} has no {META_FILE} (expected a checkpoint folder written by a recipe run)"
+    newest = newest_checkpoint(path.parent)
+    hint = (
+        f"; the newest complete checkpoint beside it is {str(newest)!r}: pass trainer.resume_from={newest}"
+        if newest is not None and newest != path
+        else ""
+    )
+    raise RecipeError(f"key 'trainer.resume_from': {problem}{hint}")
 
 
 def check_plan_text(recipe: Recipe) -> None:
@@ -135,6 +153,11 @@ def check_counts(recipe: Recipe) -> None:
     _at_least("strategy.search_steps", recipe.strategy.search_steps, 1)
     if recipe.strategy.gpus_per_node is not None:
         _at_least("strategy.gpus_per_node", recipe.strategy.gpus_per_node, 1)
+    timeout = recipe.strategy.timeout_s
+    if timeout is not None and not timeout > 0:
+        raise RecipeError(
+            f"key 'strategy.timeout_s': {timeout} is not allowed; allowed: a number of seconds > 0, or null"
+        )
     use = USES[recipe.algorithm]
     if isinstance(recipe.n_mbs, Mapping):
         if recipe.algorithm in ("sft", "rw"):

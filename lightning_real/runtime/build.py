@@ -21,7 +21,9 @@ import torch
 
 from lightning_real.dataflow import DataflowGraph
 from lightning_real.distributed.groups import GroupRegistry
-from lightning_real.features import REFERENCE, FeatureError, RuntimeFeatures
+from lightning_real.features import FeatureError, RuntimeFeatures
+from lightning_real.layout import Layout
+from lightning_real.models.build import BuildOptions
 from lightning_real.models.shard import ModelShard
 from lightning_real.models.source import load_shard
 from lightning_real.models.train import TrainConfig, TrainEngine
@@ -29,7 +31,7 @@ from lightning_real.plans import Plan
 from lightning_real.realloc import Reallocator, ReallocConfig
 from lightning_real.runtime.generation import Generator, make_generator
 from lightning_real.runtime.pool import ModelPool, PooledModel
-from lightning_real.runtime.roles import RoleDecl
+from lightning_real.runtime.roles import RoleDecl, Training
 
 Rows = dict[str, torch.Tensor]
 CallFn = Callable[[ModelShard | None, Rows], tuple[Rows, dict[str, float]]]
@@ -42,7 +44,7 @@ class RuntimeConfig:
 
     node_size: int
     """Devices per node: reallocation prefers senders on the receiver's node."""
-    features: RuntimeFeatures = REFERENCE
+    features: RuntimeFeatures = field(default_factory=RuntimeFeatures)
     """Precision, optimizer sharding, attention, recomputation, generation backend, offload."""
 
     def __post_init__(self) -> None:
@@ -78,6 +80,14 @@ class RuntimeContext:
         """Microbatches per data-parallel replica of ``call`` (the plan's, else the graph's)."""
         return self.plan.n_mbs(self.graph, call)
 
+    def after_call(self, role: str, layout: Layout) -> None:
+        """What follows a call of ``role`` on ``layout``: its moved copy is dropped, and after a
+        train call at home the gradient buffer is freed (the planner prices it as transient)."""
+        self.pool.release(role, layout)
+        engine = self.engines.get(role)
+        if engine is not None and layout == engine.shard.layout:
+            engine.release_grads()
+
     def generator(self, call: str) -> Generator:
         """The engine of generate call ``call``."""
         if call not in self.generators:
@@ -94,22 +104,45 @@ class RuntimeContext:
 
 
 RUNNABLE: dict[str, tuple[object, ...]] = {
-    "precision": ("32-true",),
-    "optimizer": ("replicated",),
-    "attention": ("local",),
-    "recompute": ("none",),
     "generation_backend": ("native",),
     "offload_idle": (False,),
 }
-"""Feature values this runtime builds."""
+"""Feature values this runtime builds, where it builds fewer than the declaration allows."""
 
 
 def check_features(features: RuntimeFeatures) -> None:
     """Refuse features this runtime cannot run, naming the option and the values it can."""
     for name, value in features.to_dict().items():
-        if value not in RUNNABLE[name]:
+        if name in RUNNABLE and value not in RUNNABLE[name]:
             allowed = ", ".join(repr(v) for v in RUNNABLE[name])
             raise FeatureError(f"{name}={value!r} is not available in this runtime; allowed: {allowed}")
+
+
+def build_options(features: RuntimeFeatures, trained: bool) -> BuildOptions:
+    """How a role's models are built under ``features`` (already the role's own, ``for_role``):
+    the working dtype, the attention kernel, and recomputation for a trained role's home copy."""
+    dtype = torch.float32 if features.precision == "32-true" else torch.bfloat16
+    recompute = features.recompute if trained and features.recompute != "auto" else "none"
+    return BuildOptions(dtype, features.attention, recompute)
+
+
+def train_config(
+    features: RuntimeFeatures, training: Training, n_mbs: int, dp: int, role: str
+) -> TrainConfig:
+    """The training engine's configuration of a role under ``features`` (the role's own)."""
+    if features.token_budget is not None and not training.packable:
+        raise FeatureError(
+            f"token_budget={features.token_budget}: the {role} loss averages per sequence, which packed rows "
+            "do not keep apart; allowed: null, or a token-level loss (e.g. grpo.loss_agg=token-mean)"
+        )
+    return TrainConfig(
+        n_mbs=n_mbs,
+        norm_key=training.norm_key,
+        optim=training.optim,
+        precision=features.precision,
+        distributed_optimizer=features.distributed_optimizer(dp),
+        token_budget=features.token_budget,
+    )
 
 
 def build_runtime(
@@ -124,7 +157,6 @@ def build_runtime(
     homes = graph.home_calls()
     trained = set(graph.trained_roles())
     ctx = RuntimeContext(graph, plan, config, registry.rank, ModelPool())
-    realloc = ReallocConfig(gpus_per_node=config.node_size)
     for decl in roles:
         if decl.role not in homes:
             continue  # declared but not run (e.g. no reference call when the KL weight is 0)
@@ -134,20 +166,32 @@ def build_runtime(
                 f"{'does not train' if decl.trained else 'trains'} it"
             )
         home_call = homes[decl.role]
-        groups = registry.for_layout(plan.layouts[home_call])
-        home = load_shard(decl.source, decl.spec, groups, decl.seed, decl.init_value_head)
-        ctx.pool.add(
-            PooledModel(
-                decl.role, home, Reallocator(decl.spec, registry, realloc), keep_copies=not decl.trained
-            )
+        layout = plan.layouts[home_call]
+        groups = registry.for_layout(layout)
+        # The home call's features: its role's precision, and for a train call the recomputation
+        # the features or (when they leave it to the plan) the plan chose.
+        features = config.features.for_call(
+            decl.role, graph.call(home_call).call_type, plan.recompute.get(home_call)
         )
+        options = build_options(features, decl.trained)
+        home = load_shard(decl.source, decl.spec, groups, decl.seed, decl.init_value_head, options)
+        # Moved copies serve generation and inference: the working dtype, no recomputation.
+        realloc = ReallocConfig(
+            gpus_per_node=config.node_size, dtype=options.dtype, attention=options.attention
+        )
+        reallocator = Reallocator(decl.spec, registry, realloc)
+        ctx.pool.add(PooledModel(decl.role, home, reallocator, keep_copies=not decl.trained))
         if decl.training is not None:
-            t = decl.training
-            cfg = TrainConfig(n_mbs=plan.n_mbs(graph, home_call), norm_key=t.norm_key, optim=t.optim)
-            ctx.engines[decl.role] = TrainEngine(home, t.loss, cfg)
+            cfg = train_config(features, decl.training, plan.n_mbs(graph, home_call), layout.dp, decl.role)
+            ctx.engines[decl.role] = TrainEngine(home, decl.training.loss, cfg)
+        elif home.module is not None:
+            home.module.eval().requires_grad_(False)
     for c in graph.calls:
         if c.call_type == "generate":
-            ctx.generators[c.name] = make_generator(config.features.generation_backend)
+            rounds = plan.n_mbs(graph, c.name)
+            ctx.generators[c.name] = make_generator(
+                config.features.for_role(c.role).generation_backend, rounds
+            )
     missing = [r for r in homes if r not in ctx.pool.models and r in trained]
     if missing:
         raise ValueError(f"the graph trains roles {missing} that the module does not declare")

@@ -79,10 +79,13 @@ class Executor:
         pending: list[Any] = []
         result = IterationResult()
         for ci, call in enumerate(self.calls):
+            self._phase(f"preparing {call.name}")
             layout = self.plan[call.name]
             c = layout.coords(self.rank)
             inputs = self._receive_inputs(ci, call, layout, origin, held)
-            with self.tracer.span(f"realloc:{call.role}", kind="realloc") as info:
+            with self.tracer.span(
+                f"realloc:{call.role}", kind="realloc", label=f"realloc of {call.role} for {call.name}"
+            ) as info:
                 shard, info["nbytes"] = self.move(call.role, layout)
             outputs: dict[str, torch.Tensor] = {}
             if c is not None:
@@ -107,6 +110,7 @@ class Executor:
             for cj in range(ci + 1, len(self.calls)):
                 keys = sorted(k for k in self.calls[cj].input_keys if origin.get(k, (None,))[0] == ci)
                 if keys:
+                    self._phase(f"sending rows of {call.name} to {self.calls[cj].name}")
                     h, n = post_sends(
                         {k: held[k] for k in keys} if c is not None else None,
                         layout,
@@ -118,9 +122,15 @@ class Executor:
                     )
                     pending.extend(h)
                     result.metrics["data/bytes_sent"] = result.metrics.get("data/bytes_sent", 0.0) + n
+        self._phase("waiting for rows sent to other ranks")
         for work, _ in pending:
             work.wait()
         return result
+
+    def _phase(self, name: str) -> None:
+        # what peers read when a collective fails; spans (calls, moves, receives) set their own
+        if self.tracer.status is not None:
+            self.tracer.status.enter(name, self.tracer.step)
 
     def _tag(self, producer: int, consumer: int) -> int:
         return (producer * len(self.calls) + consumer + 1) * 65536
@@ -146,7 +156,7 @@ class Executor:
                 continue
             src = self.plan[self.calls[pi].name]
             mine = {k: held[k] for k in keys} if src.coords(self.rank) is not None else None
-            with self.tracer.span(f"data:{call.name}", kind="data"):
+            with self.tracer.span(f"data:{call.name}", kind="data", label=f"rows for {call.name}"):
                 got = receive(
                     sorted(keys),
                     mine,

@@ -2,6 +2,11 @@
 
 ``native`` is this package's generator (:func:`lightning_real.models.generate.generate`): any
 tensor/pipeline split, per-row seeded streams, the same tokens under any layout.
+
+A generate call's microbatches are *rounds*: the replica's rows are generated in that many
+consecutive groups, each with a KV cache of its own rows only, so a batch whose cache would not
+fit is generated in parts (the planner prices exactly this). Rows sample from streams keyed by
+their global index, so the tokens do not depend on the number of rounds.
 """
 
 from __future__ import annotations
@@ -33,9 +38,14 @@ class Generator(Protocol):
 
 
 class NativeGenerator:
-    """The package's own generator over the call's megatron-core shard."""
+    """The package's own generator over the call's megatron-core shard, in ``rounds`` rounds."""
 
     backend = "native"
+
+    def __init__(self, rounds: int = 1) -> None:
+        if not isinstance(rounds, int) or rounds < 1:
+            raise ValueError(f"NativeGenerator rounds={rounds!r}; allowed: an integer >= 1")
+        self.rounds = rounds
 
     def generate(
         self,
@@ -45,11 +55,27 @@ class NativeGenerator:
         config: GenerationConfig,
         row_offset: int | None,
     ) -> GenerationOutput:
-        return generate(shard, prompts, prompt_mask, config, row_offset=row_offset)
+        b = prompts.shape[0]
+        if self.rounds > b:
+            raise ValueError(f"{self.rounds} generation rounds exceed the {b} rows of this replica")
+        parts = []
+        for idx in torch.arange(b).tensor_split(self.rounds):
+            lo, hi = int(idx[0]), int(idx[-1]) + 1
+            offset = None if row_offset is None else row_offset + lo
+            parts.append(generate(shard, prompts[lo:hi], prompt_mask[lo:hi], config, row_offset=offset))
+        if len(parts) == 1:
+            return parts[0]
+        return GenerationOutput(
+            tokens=torch.cat([p.tokens for p in parts]),
+            response_logprobs=torch.cat([p.response_logprobs for p in parts]),
+            response_mask=torch.cat([p.response_mask for p in parts]),
+            response_lengths=torch.cat([p.response_lengths for p in parts]),
+            truncated=torch.cat([p.truncated for p in parts]),
+        )
 
 
-def make_generator(backend: str) -> Generator:
-    """The engine of ``backend`` (``RuntimeFeatures.generation_backend``)."""
+def make_generator(backend: str, rounds: int = 1) -> Generator:
+    """The engine of ``backend`` (``RuntimeFeatures.generation_backend``) in ``rounds`` rounds."""
     if backend == "native":
-        return NativeGenerator()
+        return NativeGenerator(rounds)
     raise ValueError(f"generation_backend={backend!r}; allowed: native")

@@ -32,11 +32,18 @@ class BuiltRole:
 def _attention(module: torch.nn.Module) -> str:
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-    kinds = {
-        "local" if isinstance(m, DotProductAttention) else type(m).__name__
-        for name, m in module.named_modules()
-        if name.endswith("core_attention")
-    }
+    from lightning_real.models.attention import SDPAttention
+
+    kinds = set()
+    for name, m in module.named_modules():
+        if name.endswith("core_attention"):
+            kinds.add(
+                "sdpa"
+                if isinstance(m, SDPAttention)
+                else "local"
+                if isinstance(m, DotProductAttention)
+                else type(m).__name__
+            )
     if len(kinds) != 1:
         raise RuntimeError(f"expected one core-attention kind, found {sorted(kinds) or 'none'}")
     return kinds.pop()

@@ -33,6 +33,8 @@ class Training:
     norm_key: str | None = "action_mask"
     """Batch entry whose sum over the global batch divides the summed loss; None: the number of
     sequences."""
+    packable: bool = True
+    """Whether the loss is a sum over tokens, which packed rows keep (a per-sequence average is not)."""
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch.distributed as dist
 
+from lightning_real.distributed.status import StatusBoard
+
 
 @dataclass(frozen=True)
 class Event:
@@ -53,14 +55,25 @@ class Tracer:
     """Current training step, stamped on new events."""
     events: list[Event] = field(default_factory=list)
     """Everything recorded so far (cleared by :meth:`pop`)."""
+    status: StatusBoard | None = None
+    """Where this rank's current span is written for its peers (None: nowhere)."""
 
     @contextlib.contextmanager
-    def span(self, name: str, kind: str = "call", nbytes: int = 0) -> Iterator[dict[str, Any]]:
-        """Time a block; the yielded dict may set ``nbytes`` after the fact."""
+    def span(
+        self, name: str, kind: str = "call", nbytes: int = 0, label: str | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """Time a block; the yielded dict may set ``nbytes`` after the fact. ``label`` is the
+        phase the status board shows during the block (default: ``name``)."""
         info: dict[str, Any] = {"nbytes": nbytes}
+        phase = (
+            self.status.phase(label or name, self.step)
+            if self.status is not None
+            else contextlib.nullcontext()
+        )
         t0 = time.time()
         try:
-            yield info
+            with phase:
+                yield info
         finally:
             self.events.append(Event(name, kind, self.rank, t0, time.time(), int(info["nbytes"]), self.step))
 
