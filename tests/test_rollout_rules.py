@@ -156,3 +156,24 @@ def test_dynamic_sampling_needs_a_rule_reward() -> None:
         ValueError, match=r"gave 4 prompts but GRPOModule reads 12 .*batch_size=4 x grpo.max_gen_rounds=3"
     ):
         m.make_source(_prompts(["a", "b", "c", "d"], [0, 1, 2, 3]))
+
+
+@pytest.mark.parametrize(
+    ("name", "packable"),
+    [
+        ("grpo", False),
+        ("rloo", False),
+        ("gspo", False),
+        ("dapo", True),
+        ("dr_grpo", True),
+        ("reinforce_pp", True),
+    ],
+)
+def test_packed_training_only_for_token_sum_losses(name: str, packable: bool) -> None:
+    # seq-mean-token-mean and GSPO's sequence ratio need each sequence apart; token sums survive packing
+    from lightning_real.models.spec import tiny_spec
+    from lightning_real.modules.grpo import GRPOModule
+
+    m = GRPOModule(tiny_spec("llama"), batch_size=4, grpo=GRPOConfig.preset(name))
+    training = m.role_training("actor")
+    assert training is not None and training.packable is packable
