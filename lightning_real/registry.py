@@ -26,6 +26,18 @@ class Algorithm:
     """Graph builder as 'python.module:function' ('lightning_real.graphs.ppo:ppo_graph')."""
 
 
+GRPO_FAMILY: tuple[str, ...] = (
+    "grpo",
+    "rloo",
+    "reinforce_pp",
+    "reinforce_pp_baseline",
+    "gspo",
+    "dapo",
+    "dr_grpo",
+)
+"""Algorithms run by GRPO's module: GRPO, RLOO, REINFORCE++ and its group-baseline variant, GSPO,
+DAPO and Dr. GRPO (the keys of ``lightning_real.algorithms.grpo.PRESETS``)."""
+
 ALGORITHMS: dict[str, Algorithm] = {
     a.name: a
     for a in (
@@ -41,6 +53,14 @@ ALGORITHMS: dict[str, Algorithm] = {
             "remax", "lightning_real.modules.remax", "ReMaxModule", "lightning_real.graphs.remax:remax_graph"
         ),
         Algorithm("dpo", "lightning_real.modules.dpo", "DPOModule", "lightning_real.graphs.dpo:dpo_graph"),
+        # The GRPO family: one module and graph, each name a preset of its settings
+        # (lightning_real.algorithms.grpo.PRESETS).
+        *(
+            Algorithm(
+                name, "lightning_real.modules.grpo", "GRPOModule", "lightning_real.graphs.grpo:grpo_graph"
+            )
+            for name in GRPO_FAMILY[1:]
+        ),
     )
 }
 """Algorithm name -> entry, in the order recipes document them."""

@@ -101,6 +101,25 @@ def test_agg_norm_keys_and_errors():
         agg_loss(torch.zeros(1, 1), torch.ones(1, 1), "token-mean", "max")  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("mode", LOSS_AGG_MODES)
+def test_packable_modes_keep_their_sum_when_rows_are_packed(mode):
+    from lightning_real.algorithms.aggregation import agg_packable
+    from lightning_real.algorithms.policy import PolicyLossConfig
+
+    x, mask = random_padded_batch(1)
+    L = 11
+    total = float(agg_loss(x, mask, mode, "sum", loss_agg_len=L))
+    # every real token of the batch in one packed row
+    packed = float(
+        agg_loss(x[mask.bool()][None], torch.ones(1, int(mask.sum())), mode, "sum", loss_agg_len=L)
+    )
+    assert agg_packable(mode) == (mode != "seq-mean-token-mean")
+    assert (abs(packed - total) < 1e-4) == agg_packable(mode)
+    cfg = PolicyLossConfig(loss_agg=mode, loss_agg_len=L)
+    assert cfg.packable == agg_packable(mode)
+    assert not PolicyLossConfig.gspo(loss_agg=mode, loss_agg_len=L).packable  # one ratio per sequence
+
+
 def test_agg_modes_by_hand():
     x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
     mask = torch.tensor([[1, 1, 1], [1, 0, 0]])

@@ -32,7 +32,13 @@ def _overrides(path: Path, folder: Path) -> list[str]:
         if isinstance(raw.get(role), dict) and "path" in raw[role]:
             head = "hf-value" if role in ("critic", "reward") else "hf"
             out.append(f"{role}.path={folder / head}")
-    if raw.get("data", {}).get("train") == "???":
+    if isinstance(raw.get("reward"), dict) and raw["reward"].get("fn") == "???":
+        # a verifiable reward scores prompt rows that carry their answers
+        from lightning_real.data.arithmetic import write_arithmetic
+
+        out.append("reward.fn=lightning_real.data.arithmetic:exact_match")
+        out.append(f"data.train={write_arithmetic(folder / 'arithmetic')['train']}")
+    elif raw.get("data", {}).get("train") == "???":
         out.append(f"data.train={ROOT / 'lightning_real' / 'data' / 'assets' / 'prompts.jsonl'}")
     if "tokenizer" in raw.get("data", {}):
         out.append("data.tokenizer=null")

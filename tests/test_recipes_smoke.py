@@ -1,6 +1,7 @@
 """Each tiny recipe trains a few steps through ``lightning-real run``'s code path on 2 gloo
-processes, logs finite metrics and exports HF folders that transformers loads; the command
-line also runs as a subprocess and under torchrun."""
+processes (GRPO's family on one, their multi-process runs are tests/test_grpo_family.py), logs
+finite metrics and exports HF folders that transformers loads; the command line also runs as a
+subprocess and under torchrun; the arithmetic recipe logs its held-out accuracy."""
 
 from __future__ import annotations
 
@@ -37,8 +38,16 @@ METRICS: dict[str, tuple[str, ...]] = {
     "ppo": ("actor/pg_loss", "critic/vf_loss", "reward/mean"),
     "grpo": ("reward/mean", "actor/grad_norm"),
     "remax": ("reward/mean", "actor/grad_norm"),
+    "rloo": ("reward/mean", "reward/group_std", "actor/pg_loss", "actor/kl_loss"),
+    "reinforce_pp": ("reward/mean", "actor/ref_kl", "actor/pg_loss"),
+    "reinforce_pp_baseline": ("reward/mean", "actor/ref_kl", "reward/group_std"),
+    "gspo": ("reward/mean", "actor/pg_clipfrac", "actor/tis_weight_mean"),
+    "dapo": ("reward/mean", "dapo/kept_groups", "dapo/gen_rounds", "reward/overlong_penalty"),
+    "dr_grpo": ("reward/mean", "actor/pg_loss", "actor/grad_norm"),
 }
 """Keys each algorithm's metrics file must have (besides the iteration time)."""
+FAMILY: tuple[str, ...] = ("rloo", "reinforce_pp", "reinforce_pp_baseline", "gspo", "dapo", "dr_grpo")
+"""GRPO's family: each tiny recipe runs here on one process."""
 EXPORTS: dict[str, dict[str, str]] = {
     "sft": {"actor": "AutoModelForCausalLM"},
     "rw": {"reward": "AutoModelForSequenceClassification"},
@@ -46,6 +55,7 @@ EXPORTS: dict[str, dict[str, str]] = {
     "ppo": {"actor": "AutoModelForCausalLM", "critic": "AutoModelForSequenceClassification"},
     "grpo": {"actor": "AutoModelForCausalLM"},
     "remax": {"actor": "AutoModelForCausalLM"},
+    **{name: {"actor": "AutoModelForCausalLM"} for name in FAMILY},
 }
 """Folders each tiny recipe exports, and the transformers class that loads them."""
 STEPS = 2
@@ -99,6 +109,55 @@ def test_tiny_recipe_trains_and_exports(algo: str, tmp_path: Path) -> None:
     out = tmp_path / "run"
     assert cli_main(["run", str(TINY / f"{algo}.yaml"), *_overrides(algo, out)]) == 0
     _check_run(algo, out)
+
+
+def _run_in_one_process(rank: int, world: int, runs: list[tuple[str, list[str]]]) -> list[int]:
+    # One fresh process for every run: the family's recipes share its start-up, and the test
+    # process keeps no process group of theirs.
+    return [cli_main(["run", recipe, *over]) for recipe, over in runs]
+
+
+@pytest.mark.timeout(600)
+def test_family_tiny_recipes_train_and_export(tmp_path: Path) -> None:
+    from lightning_real.distributed.launch import spawn
+
+    one = ["trainer.devices=1", "trainer.start_method=popen", "plan=symmetric"]
+    runs = [(str(TINY / f"{a}.yaml"), [*_overrides("grpo", tmp_path / a), *one]) for a in FAMILY]
+    assert spawn(_run_in_one_process, 1, runs, timeout_s=600)[0] == [0] * len(FAMILY)
+    for algo in FAMILY:
+        _check_run(algo, tmp_path / algo)
+
+
+@pytest.mark.timeout(300)
+def test_arithmetic_recipe_logs_held_out_accuracy(tmp_path: Path) -> None:
+    from lightning_real.data.arithmetic import write_arithmetic
+
+    files = write_arithmetic(tmp_path / "data", max_operand=9, eval_rows=6, sft_rows=8)
+    out = tmp_path / "run"
+    over = [
+        "actor.path=null",
+        "actor.tiny=llama",  # a random model stands in for the SFT warm start
+        "data.tokenizer=null",
+        f"data.train={files['train']}",
+        f"data.val={files['eval']}",
+        "data.batch_size=4",
+        "grpo.group_size=2",
+        f"trainer.max_steps={STEPS}",
+        "trainer.val_every_n_steps=1",
+        f"trainer.output_dir={out}",
+        "export.dir=null",
+    ]
+    assert cli_main(["run", str(ROOT / "recipes" / "arithmetic" / "grpo.yaml"), *over]) == 0
+    with open(next((out / "logs").rglob("metrics.csv"))) as f:
+        rows = list(csv.DictReader(f))
+    train = [r for r in rows if r.get("timing_s/iteration")]
+    assert len(train) == STEPS
+    for key in ("reward/mean", "actor/pg_loss", "actor/grad_norm"):
+        assert all(math.isfinite(float(r[key])) for r in train), key
+    val = {int(float(r["val/step"])): float(r["val/accuracy"]) for r in rows if r.get("val/accuracy")}
+    # before training (val_before_training) and after each step, on both processes
+    assert sorted(val) == list(range(STEPS + 1))
+    assert all(0.0 <= v <= 1.0 for v in val.values())
 
 
 @pytest.mark.timeout(300)

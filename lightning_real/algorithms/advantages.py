@@ -37,7 +37,6 @@ from typing import Literal
 
 import torch
 
-from lightning_real.algorithms.grpo import group_advantages
 from lightning_real.algorithms.masked import masked_whiten
 from lightning_real.algorithms.ppo import KL_LOSS_ESTIMATORS, KLLossEstimator, compute_gae, token_rewards
 from lightning_real.algorithms.remax import remax_advantages
@@ -130,6 +129,22 @@ class AdvantageConfig:
             raise ValueError(
                 f"AdvantageConfig.kl_estimator={self.kl_estimator!r}; allowed: {', '.join(KL_LOSS_ESTIMATORS)}"
             )
+
+
+def group_advantages(
+    scores: torch.Tensor, group_size: int, scale_by_std: bool = True, eps: float = 1e-4
+) -> torch.Tensor:
+    """``(s - mean_group) / (std_group + eps)`` per sequence ``[B]``; rows of a group are consecutive."""
+    s = scores.float()
+    if s.dim() != 1 or s.numel() % group_size:
+        raise ValueError(
+            f"group_advantages: scores of shape {tuple(s.shape)} do not split into groups of {group_size}"
+        )
+    g = s.view(-1, group_size)
+    adv = g - g.mean(-1, keepdim=True)
+    if scale_by_std:
+        adv = adv / (g.std(-1, keepdim=True) + eps)
+    return adv.reshape(-1)
 
 
 def _groups(scores: torch.Tensor, group_size: int, name: str) -> torch.Tensor:

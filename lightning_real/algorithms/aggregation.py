@@ -70,6 +70,13 @@ def agg_norm_key(mode: str, mask_key: str = "action_mask") -> str | None:
     return mask_key if mode == "token-mean" else None
 
 
+def agg_packable(mode: str) -> bool:
+    """Whether ``mode``'s numerator is a sum over tokens (every mode but 'seq-mean-token-mean'),
+    which packed rows keep: a per-sequence mean needs its rows apart."""
+    check_loss_agg(mode, 1)
+    return mode != "seq-mean-token-mean"
+
+
 def agg_normaliser(mode: str, mask: torch.Tensor) -> torch.Tensor:
     """What the engine divides by for ``mode`` on a batch with action mask ``mask`` ``[B, T]``:
     its token count, or its number of rows; at least 1 (as the engine's)."""

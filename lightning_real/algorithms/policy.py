@@ -23,11 +23,17 @@ from typing import Any, Literal
 
 import torch
 
-from lightning_real.algorithms.aggregation import LossAgg, agg_loss, check_loss_agg
+from lightning_real.algorithms.aggregation import LossAgg, agg_loss, agg_packable, check_loss_agg
 from lightning_real.algorithms.correction import tis_metrics, tis_weights
 from lightning_real.algorithms.gspo import GSPO_CLIP_EPS, GSPO_CLIP_EPS_HIGH, gspo_loss
 from lightning_real.algorithms.masked import Reduction
-from lightning_real.algorithms.ppo import KL_LOSS_ESTIMATORS, KLLossEstimator, kl_per_token, policy_loss
+from lightning_real.algorithms.ppo import (
+    KL_LOSS_ESTIMATORS,
+    KLLossEstimator,
+    PPOConfig,
+    kl_per_token,
+    policy_loss,
+)
 
 POLICY_LOSSES: tuple[str, ...] = ("vanilla", "gspo")
 
@@ -102,6 +108,28 @@ class PolicyLossConfig:
             "loss_agg": "seq-mean-token-mean",
         }
         return cls(**{**base, **overrides})
+
+    @property
+    def packable(self) -> bool:
+        """Whether the loss is a sum over tokens, which packed rows keep: not under
+        'seq-mean-token-mean' nor GSPO's sequence-level ratio (``Training.packable``)."""
+        return self.policy_loss == "vanilla" and agg_packable(self.loss_agg)
+
+    @classmethod
+    def from_ppo(cls, cfg: PPOConfig, gen_len: int) -> PolicyLossConfig:
+        """The actor loss of PPO and ReMax under ``cfg`` (``gen_len``: the length of
+        'seq-mean-token-sum-norm' when ``cfg.loss_agg_len`` is unset)."""
+        return cls(
+            clip_eps=cfg.clip_eps,
+            clip_eps_high=cfg.clip_eps_high,
+            dual_clip=cfg.dual_clip,
+            loss_agg=cfg.loss_agg,
+            loss_agg_len=cfg.agg_len(gen_len),
+            use_kl_loss=cfg.use_kl_loss,
+            kl_loss_coef=cfg.kl_loss_coef,
+            kl_loss_estimator=cfg.kl_loss_estimator,
+            entropy_coef=cfg.entropy_coef,
+        )
 
 
 def _number(v: Any) -> bool:

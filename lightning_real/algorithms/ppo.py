@@ -89,9 +89,21 @@ class PPOConfig:
     """Passes over each batch of experience."""
     minibatches: int = 1
     """Optimizer steps per pass (the batch is cut into this many minibatches)."""
+    loss_agg: LossAgg = "token-mean"
+    """verl's loss_agg_mode of the actor and critic losses: 'token-mean', 'seq-mean-token-mean',
+    'seq-mean-token-sum' or 'seq-mean-token-sum-norm' (see lightning_real.algorithms.aggregation)."""
+    loss_agg_len: int | None = None
+    """The constant length 'seq-mean-token-sum-norm' divides by; null: generation.max_new_tokens."""
+    use_kl_loss: bool = False
+    """Add kl_loss_coef times a KL estimate against the reference to the actor loss, besides (or,
+    with kl_coef 0, instead of) the KL penalty in the reward."""
+    kl_loss_coef: float = 0.001
+    """Weight of the KL loss (verl's default)."""
+    kl_loss_estimator: KLLossEstimator = "low_var_kl"
+    """KL estimate of the KL loss: 'k1', 'k2', 'k3' or 'low_var_kl' (k3 clamped to [-10, 10])."""
 
     def __post_init__(self) -> None:
-        for f in ("clip_eps", "gamma", "lam", "kl_coef", "kl_target"):
+        for f in ("clip_eps", "gamma", "lam", "kl_coef", "kl_target", "kl_loss_coef"):
             v = getattr(self, f)
             if not isinstance(v, int | float) or v < 0:
                 raise ValueError(f"PPOConfig.{f}={v!r}; allowed: a number >= 0")
@@ -117,6 +129,21 @@ class PPOConfig:
             v = getattr(self, f)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"PPOConfig.{f}={v!r}; allowed: an integer >= 1")
+        check_loss_agg(self.loss_agg, self.loss_agg_len or 1, "PPOConfig.loss_agg")
+        if self.loss_agg_len is not None and (
+            not isinstance(self.loss_agg_len, int) or self.loss_agg_len < 1
+        ):
+            raise ValueError(
+                f"PPOConfig.loss_agg_len={self.loss_agg_len!r}; allowed: an integer >= 1 or null"
+            )
+        if self.kl_loss_estimator not in KL_LOSS_ESTIMATORS:
+            raise ValueError(
+                f"PPOConfig.kl_loss_estimator={self.kl_loss_estimator!r}; allowed: {', '.join(KL_LOSS_ESTIMATORS)}"
+            )
+
+    def agg_len(self, gen_len: int) -> int:
+        """The constant length of 'seq-mean-token-sum-norm': loss_agg_len, else ``gen_len``."""
+        return self.loss_agg_len if self.loss_agg_len is not None else gen_len
 
 
 # ---- KL against the reference -----------------------------------------------------------------
@@ -543,6 +570,18 @@ def critic_loss(
     mask: torch.Tensor,
     cfg: PPOConfig,
     reduction: Reduction = "mean",
+    gen_len: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Value loss under ``cfg`` (``values`` are the new action values ``[B, T]``)."""
-    return value_loss(values, old_values, returns, mask, cfg.value_clip, reduction)
+    """Value loss under ``cfg`` (``values`` are the new action values ``[B, T]``), aggregated as
+    ``cfg.loss_agg`` (``gen_len``: the length of 'seq-mean-token-sum-norm' when loss_agg_len is unset)."""
+    length = cfg.loss_agg_len if cfg.loss_agg_len is not None else gen_len
+    return value_loss(
+        values,
+        old_values,
+        returns,
+        mask,
+        cfg.value_clip,
+        reduction,
+        loss_agg=cfg.loss_agg,
+        loss_agg_len=length,
+    )

@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -92,6 +92,9 @@ class VerifiableReward:
     row number (:func:`read_ground_truth`), looked up with the batch's ``index`` column. Call
     :meth:`score` to pass the ground truths of the rows directly instead.
     """
+
+    needs_index: ClassVar[bool] = True
+    """The rollout modules hand this rule each row's prompt row number (``prompt_index``)."""
 
     def __init__(
         self, fn: str | RewardFn, ground_truth: Sequence[str] | None = None, tokenizer: Any = None

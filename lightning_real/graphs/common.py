@@ -15,6 +15,12 @@ from lightning_real.dataflow import MFC, DataflowGraph, GraphError, Role
 
 PPO_SOURCES: tuple[str, ...] = ("prompts", "prompt_mask")
 """Left-padded prompt ids ``[P, Lp]`` and their attention mask (1 = token)."""
+INDEX_KEY = "index"
+"""Source key of a prompt's row number in its data file ``[P]``, read when the reward looks up
+each row's ground truth (verifiable rewards)."""
+PROMPT_INDEX_KEY = "prompt_index"
+"""What a generate call writes from ``index``: each sequence's prompt row number ``[B]`` (a
+group's responses repeat it), so the rows carry their ground truth's key under any layout."""
 GEN_KEYS: tuple[str, ...] = ("seq", "attention_mask", "loss_mask", "old_logp", "no_eos")
 """What a generate call writes: prompt + response ids ``[B, S]`` (prompts left padded, responses
 right padded), their attention mask, 1 on generated tokens (EOS included) ``[B, S]``, the actor's
@@ -36,6 +42,14 @@ PAIR_SOURCES: tuple[str, ...] = (
 
 Microbatches = int | Mapping[str, int]
 """Microbatches per data-parallel replica: one count for every call, or call name -> count."""
+
+
+def rollout_keys(with_index: bool) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """``(sources, generate outputs, reward inputs)`` of a generating algorithm; with
+    ``with_index`` the prompt row numbers go from the source through generation to the reward."""
+    if not with_index:
+        return PPO_SOURCES, GEN_KEYS, SEQ_KEYS
+    return (*PPO_SOURCES, INDEX_KEY), (*GEN_KEYS, PROMPT_INDEX_KEY), (*SEQ_KEYS, PROMPT_INDEX_KEY)
 
 
 def mbs(n_mbs: Microbatches, call: str) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from lightning_real.dataflow import MFC, DataflowGraph, Role
-from lightning_real.graphs.common import GEN_KEYS, PPO_SOURCES, SEQ_KEYS, Microbatches, finish, mbs
+from lightning_real.graphs.common import SEQ_KEYS, Microbatches, finish, mbs, rollout_keys
 
 
 def ppo_graph(
@@ -14,6 +14,7 @@ def ppo_graph(
     minibatches: int = 1,
     prompt_len: int = 128,
     gen_len: int = 128,
+    with_index: bool = False,
 ) -> DataflowGraph:
     """PPO: ``actor_gen -> {ref_inf, rew_inf, critic_inf} -> {actor_train, critic_train}``.
 
@@ -21,13 +22,16 @@ def ppo_graph(
     ``ref_logp`` and ``critic_inf`` writes ``values`` (``[B, S]`` each). Both train calls read
     everything, since each computes the KL-penalised rewards and GAE advantages itself.
     ``n_mbs`` is one count for every call or a mapping from call name to count (default 1).
+    ``with_index`` carries the prompts' row numbers to ``rew_inf`` (``prompt_index``), for a
+    reward that looks up each row's ground truth.
     """
+    sources, gen_out, rew_in = rollout_keys(with_index)
     common: dict[str, Any] = dict(batch_size=batch_size, prompt_len=prompt_len, gen_len=gen_len)
-    train_in = (*GEN_KEYS, "ref_logp", "rewards", "values")
+    train_in = (*gen_out, "ref_logp", "rewards", "values")
     calls = [
-        MFC("actor_gen", "actor", "generate", PPO_SOURCES, GEN_KEYS, n_mbs=mbs(n_mbs, "actor_gen"), **common),
+        MFC("actor_gen", "actor", "generate", sources, gen_out, n_mbs=mbs(n_mbs, "actor_gen"), **common),
         MFC("ref_inf", "ref", "inference", SEQ_KEYS, ("ref_logp",), n_mbs=mbs(n_mbs, "ref_inf"), **common),
-        MFC("rew_inf", "reward", "inference", SEQ_KEYS, ("rewards",), n_mbs=mbs(n_mbs, "rew_inf"), **common),
+        MFC("rew_inf", "reward", "inference", rew_in, ("rewards",), n_mbs=mbs(n_mbs, "rew_inf"), **common),
         MFC(
             "critic_inf",
             "critic",
@@ -52,4 +56,4 @@ def ppo_graph(
                 **common,
             )
         )
-    return finish(calls, PPO_SOURCES, "ppo", n_mbs)
+    return finish(calls, sources, "ppo", n_mbs)

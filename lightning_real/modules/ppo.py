@@ -16,7 +16,9 @@ from typing import Any, ClassVar
 
 import torch
 
+from lightning_real.algorithms.aggregation import agg_norm_key
 from lightning_real.algorithms.masked import RunningMeanStd
+from lightning_real.algorithms.policy import PolicyLossConfig
 from lightning_real.algorithms.ppo import (
     PPOConfig,
     critic_loss,
@@ -25,6 +27,7 @@ from lightning_real.algorithms.ppo import (
     ppo_experience,
 )
 from lightning_real.dataflow import DataflowGraph
+from lightning_real.graphs.common import PROMPT_INDEX_KEY
 from lightning_real.graphs.ppo import ppo_graph
 from lightning_real.models.generate import GenerationConfig
 from lightning_real.models.optim import OptimConfig
@@ -32,6 +35,7 @@ from lightning_real.models.shard import ModelShard
 from lightning_real.models.source import ModelSource
 from lightning_real.modules.calls import (
     Rows,
+    Rule,
     gather_rows,
     generate_call,
     logprob_call,
@@ -66,6 +70,7 @@ class PPOModule(RolloutModule):
         tokenizer: tokenizer folder (None: the byte tokenizer the shipped task uses).
         seed: seed of random inits and of sampling.
         prompt_len: prompt tokens per sequence, as the planner prices the calls.
+        val_reward, val_at_start: as :class:`~lightning_real.modules.rollout.RolloutModule`.
     """
 
     roles: ClassVar[tuple[str, ...]] = ("actor", "critic", "ref", "reward")
@@ -86,6 +91,8 @@ class PPOModule(RolloutModule):
         tokenizer: str | Path | Any | None = None,
         seed: int = 0,
         prompt_len: int = 128,
+        val_reward: Rule | None = None,
+        val_at_start: bool = False,
     ) -> None:
         super().__init__(
             actor,
@@ -98,8 +105,12 @@ class PPOModule(RolloutModule):
             tokenizer=tokenizer,
             seed=seed,
             prompt_len=prompt_len,
+            val_reward=val_reward,
+            val_at_start=val_at_start,
         )
         self.ppo = ppo or PPOConfig()
+        self.policy = PolicyLossConfig.from_ppo(self.ppo, self.generation.max_new_tokens)
+        """The actor loss (its aggregation is also the critic's)."""
         self.actor_optim = actor_optim or OptimConfig(lr=1e-5)
         self.critic_optim = critic_optim or OptimConfig(lr=1e-5)
         self.controllers: dict[str, Any] = {}
@@ -113,13 +124,17 @@ class PPOModule(RolloutModule):
             minibatches=self.ppo.minibatches,
             prompt_len=self.prompt_len,
             gen_len=self.generation.max_new_tokens,
+            with_index=self.reward_needs_index,
         )
 
     def role_training(self, role: str) -> Training | None:
+        norm = agg_norm_key(self.ppo.loss_agg)
         if role == "actor":
-            return Training(self._actor_loss, self.actor_optim)
+            return Training(self._actor_loss, self.actor_optim, norm_key=norm, packable=self.policy.packable)
         if role == "critic":
-            return Training(self._critic_loss, self.critic_optim)
+            return Training(
+                self._critic_loss, self.critic_optim, norm_key=norm, packable=self.policy.packable
+            )
         return None
 
     # ---- the calls on every rank ------------------------------------------------------------------
@@ -128,9 +143,19 @@ class PPOModule(RolloutModule):
         self.controllers = {c: kl_controller(self.ppo) for c in ("actor_train", "critic_train")}
         self.normalizers = {c: RunningMeanStd() for c in ("actor_train", "critic_train")}
         fns = {
-            "actor_gen": generate_call(ctx.generator("actor_gen"), self.generation, self.seed_of_step),
+            "actor_gen": generate_call(
+                ctx.generator("actor_gen"),
+                self.generation,
+                self.seed_of_step,
+                with_index=self.reward_needs_index,
+            ),
             "ref_inf": logprob_call(ctx.microbatches("ref_inf"), budget),
-            "rew_inf": reward_call(self.reward_rule, ctx.microbatches("rew_inf"), token_budget=budget),
+            "rew_inf": reward_call(
+                self.reward_rule,
+                ctx.microbatches("rew_inf"),
+                index_key=PROMPT_INDEX_KEY if self.reward_needs_index else None,
+                token_budget=budget,
+            ),
             "critic_inf": value_call(ctx.microbatches("critic_inf"), budget),
             "actor_train": self._train_call("actor_train", "actor"),
             "critic_train": self._train_call("critic_train", "critic"),
@@ -139,12 +164,18 @@ class PPOModule(RolloutModule):
 
     # ---- losses (called by the training engine on each microbatch) --------------------------------
     def _actor_loss(self, out: torch.Tensor, mb: Rows) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return policy_step_loss(out, mb, self.ppo, self.engines["actor"].tp_group)
+        return policy_step_loss(out, mb, self.policy, self.engines["actor"].tp_group)
 
     def _critic_loss(self, out: torch.Tensor, mb: Rows) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         values = out.squeeze(-1).float()[:, :-1]
         return critic_loss(
-            values, mb["old_values"], mb["returns"], mb["action_mask"], self.ppo, reduction="sum"
+            values,
+            mb["old_values"],
+            mb["returns"],
+            mb["action_mask"],
+            self.ppo,
+            reduction="sum",
+            gen_len=self.generation.max_new_tokens,
         )
 
     # ---- train calls -------------------------------------------------------------------------------
@@ -157,6 +188,8 @@ class PPOModule(RolloutModule):
             rows = train_rows(full)
             if role == "actor":
                 rows.update(old_logp=full["old_logp"], advantages=exp.advantages)
+                if self.policy.use_kl_loss:
+                    rows["ref_logp"] = full["ref_logp"]
             else:
                 rows.update(old_values=exp.values, returns=exp.returns)
             metrics = train_steps(

@@ -1,9 +1,11 @@
-"""Base of the modules that sample from the actor (PPO, GRPO, ReMax): their models and defaults.
+"""Base of the modules that sample from the actor (PPO, GRPO and its family, ReMax).
 
-It owns what the three share: the tokenizer and sampling defaults, the model sources by role
-(a reward may be a rule instead of a model), the declaration of each role's model (built by the
-runtime on the layout of its home call, trained roles with an engine), the prompt source keys
-and the per-iteration sampling seed.
+It owns what they share: the tokenizer and sampling defaults, the model sources by role (a
+reward may be a rule instead of a model, and a rule may read each row's ground truth through the
+prompts' row numbers), the declaration of each role's model (built by the runtime on the layout
+of its home call, trained roles with an engine), the prompt source keys, the per-iteration
+sampling seed, and the validation step: greedy responses to held-out prompts, scored
+(:mod:`lightning_real.modules.evaluation`).
 """
 
 from __future__ import annotations
@@ -14,16 +16,20 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from typing_extensions import override
 
 from lightning_real.models.generate import GenerationConfig
 from lightning_real.models.source import ModelSource, spec_of
 from lightning_real.models.spec import ModelSpec
 from lightning_real.module import RLHFModule
-from lightning_real.modules.calls import RewardFn
+from lightning_real.modules.calls import Rule, needs_index
+from lightning_real.modules.evaluation import EvalSums, evaluate_prompts
 from lightning_real.runtime.roles import RoleDecl, Training
 
-RewardSource = ModelSource | RewardFn
-"""A reward model (HF folder or ModelSpec, value head) or a rule ``(seq, attention_mask, loss_mask) -> [B]``."""
+RewardSource = ModelSource | Rule
+"""A reward model (HF folder or ModelSpec, value head) or a rule ``(seq, attention_mask, loss_mask) -> [B]``
+(one that reads each row's prompt row number, as
+:class:`~lightning_real.data.verifiable.VerifiableReward`, takes ``prompt_index`` too)."""
 
 
 def generation_defaults(config: GenerationConfig | None, tokenizer: Any) -> GenerationConfig:
@@ -60,6 +66,9 @@ class RolloutModule(RLHFModule):
         seed: seed of random inits and of sampling.
         prompt_len: prompt tokens per sequence, as the planner prices the calls (the data
             module's ``max_prompt_len``).
+        val_reward: the rule that scores validation rows (a VerifiableReward holds the answers of
+            one file, so the held-out file needs its own); None: the training reward.
+        val_at_start: also evaluate the validation rows before the first step (logged at step 0).
     """
 
     roles: ClassVar[tuple[str, ...]] = ()
@@ -78,6 +87,8 @@ class RolloutModule(RLHFModule):
         tokenizer: str | Path | Any | None = None,
         seed: int = 0,
         prompt_len: int = 128,
+        val_reward: Rule | None = None,
+        val_at_start: bool = False,
     ) -> None:
         super().__init__()
         from lightning_real.data.tokenizer import load_tokenizer
@@ -94,13 +105,19 @@ class RolloutModule(RLHFModule):
         if "critic" in self.roles:
             self.sources["critic"] = actor if critic is None else critic
         self.critic_from_actor = critic is None
-        self.reward_rule: RewardFn | None = None
+        self.reward_rule: Rule | None = None
         if reward is None or (callable(reward) and not isinstance(reward, ModelSpec)):
             from lightning_real.data.task import TaskReward
 
             self.reward_rule = reward if reward is not None else TaskReward(self.tokenizer)
         else:
             self.sources["reward"] = reward
+        if val_reward is not None and not callable(val_reward):
+            raise ValueError(
+                f"{type(self).__name__} val_reward={val_reward!r}; allowed: a reward rule or None"
+            )
+        self.val_reward = val_reward
+        self.val_at_start = val_at_start
         heads = {"actor": "lm", "ref": "lm", "critic": "value", "reward": "value"}
         self.specs: dict[str, ModelSpec] = {r: spec_of(s, heads[r]) for r, s in self.sources.items()}  # type: ignore[arg-type]
         if "reward" not in self.specs:
@@ -130,15 +147,71 @@ class RolloutModule(RLHFModule):
         roles = self.real_graph().roles()
         return {r: s for r, s in self.specs.items() if r in roles}
 
+    @property
+    def reward_needs_index(self) -> bool:
+        """Whether the reward reads the prompts' row numbers (the graph then carries them)."""
+        return self.reward_rule is not None and needs_index(self.reward_rule)
+
+    @property
+    def prompts_per_step(self) -> int:
+        """Prompts one iteration reads from the data module (its batch size)."""
+        return self.batch_size
+
     def make_source(self, batch: Any) -> dict[str, torch.Tensor]:
         rows = int(batch["prompts"].shape[0])
-        if rows != self.batch_size:
+        want = self.prompts_per_step
+        if rows != want:
+            reads = f"batch_size={want}"
+            if want != self.batch_size:
+                reads = f"reads {want} per iteration ({self._prompts_reason()})"
             raise ValueError(
-                f"the data module gave {rows} prompts but {type(self).__name__} batch_size={self.batch_size}; "
-                "set both to the same number (and drop_last=True)"
+                f"the data module gave {rows} prompts but {type(self).__name__} {reads}; "
+                f"set the data module's batch size to {want} (and drop_last=True)"
             )
-        return {"prompts": batch["prompts"], "prompt_mask": batch["prompt_mask"]}
+        src = {"prompts": batch["prompts"], "prompt_mask": batch["prompt_mask"]}
+        if self.reward_needs_index:
+            src["index"] = batch["index"]
+        return src
+
+    def _prompts_reason(self) -> str:
+        """Why :attr:`prompts_per_step` differs from the batch size (for messages)."""
+        return ""
 
     def seed_of_step(self) -> int:
         """This iteration's sampling seed."""
         return step_seed(self.seed, self.iteration)
+
+    # ---- validation: greedy responses to held-out prompts, scored ----------------------------
+    def evaluate(self, batch: Any) -> EvalSums:
+        """Score greedy responses to one batch of prompts (collective: every rank, same batch)."""
+        rule = self.val_reward if self.val_reward is not None else self.reward_rule
+        rows = {k: batch[k] for k in ("prompts", "prompt_mask", "index") if k in batch}
+        return evaluate_prompts(self._runtime(), rows, self.generation, rule)
+
+    @override
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        sums = self.evaluate(batch)
+        n = max(1, int(sums.count))
+        for key, value in self._val_metrics(sums).items():
+            # every rank holds the same global figure, so the reduction leaves it as it is
+            self.log(key, value, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
+
+    def _val_metrics(self, sums: EvalSums) -> dict[str, float]:
+        # Lightning logs a validation after step N under step N - 1; val/step says how many
+        # training steps the evaluated weights have taken (0 before training).
+        return {**sums.metrics(), "val/step": float(self.global_step)}
+
+    @override
+    def on_train_start(self) -> None:
+        if not self.val_at_start:
+            return
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is None or not hasattr(dm, "val_dataloader"):
+            raise ValueError(
+                f"{type(self).__name__} val_at_start=True needs a data module with validation rows (val=...)"
+            )
+        total = EvalSums()
+        for batch in dm.val_dataloader():
+            total = total + self.evaluate(batch)
+        for logger in self.trainer.loggers:
+            logger.log_metrics(self._val_metrics(total), step=self.global_step)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
-from dataclasses import fields
+from dataclasses import fields, replace
 
 from lightning.pytorch import LightningDataModule
 
 from lightning_real.data.modules import DataConfig
 from lightning_real.recipes.errors import RecipeError
 from lightning_real.recipes.schema import USES, Recipe
+from lightning_real.registry import GRPO_FAMILY
 
 
 def make_datamodule(recipe: Recipe) -> LightningDataModule:
@@ -26,6 +27,9 @@ def make_datamodule(recipe: Recipe) -> LightningDataModule:
     cls = {"prompts": PromptDataModule, "sft": SFTDataModule, "preference": PreferenceDataModule}[kind]
     d = recipe.data
     config = DataConfig(**{f.name: getattr(d, f.name) for f in fields(DataConfig)})
+    if recipe.algorithm in GRPO_FAMILY and recipe.grpo.prompt_rounds > 1:
+        # dynamic sampling reads one batch of prompts per generation round
+        config = replace(config, batch_size=d.batch_size * recipe.grpo.prompt_rounds)
     try:
         dm = cls(d.train, tokenizer=d.tokenizer, val=d.val, config=config)
         dm.setup("fit")
@@ -36,13 +40,16 @@ def make_datamodule(recipe: Recipe) -> LightningDataModule:
     except (ValueError, TypeError) as e:
         raise RecipeError(f"data: {e}") from None
     n = len(dm.train_set)  # type: ignore[arg-type]
-    if n < d.batch_size:
+    if n < config.batch_size:
+        rounds = (
+            "" if config.batch_size == d.batch_size else f" x grpo.max_gen_rounds={recipe.grpo.prompt_rounds}"
+        )
         dropped = getattr(dm.train_set, "num_rejected", 0)
         why = (
             f"; {dropped} rows over the length limit were dropped (data.truncation=reject)" if dropped else ""
         )
         raise RecipeError(
-            f"key 'data.batch_size': {d.batch_size} is more than the {n} rows of {d.train} "
+            f"key 'data.batch_size': {d.batch_size}{rounds} is more than the {n} rows of {d.train} "
             f"(after the length limits{why}); lower it or give more data"
         )
     return dm

@@ -119,13 +119,28 @@ def check_sections(data: Mapping[str, Any], recipe: Recipe) -> None:
             )
 
 
+def with_preset(data: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` with the preset of its algorithm under its ``grpo`` section: ``algorithm: dapo``
+    means GRPO's settings with DAPO's (``GRPOConfig.preset``), and the keys the recipe gives win."""
+    from lightning_real.algorithms.grpo import PRESETS
+
+    out = dict(data)
+    algorithm = out.get("algorithm")
+    preset = PRESETS.get(algorithm) if isinstance(algorithm, str) else None
+    section = out.get("grpo")
+    section = {} if section is None else section
+    if preset and isinstance(section, Mapping):
+        out["grpo"] = {**preset, **section}
+    return out
+
+
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     """The recipe at ``path`` with ``overrides`` (``["trainer.devices=4", ...]``) applied.
 
     Checks keys, types and values (:class:`RecipeError` naming the file and the key); paths
     and cross-checks against models and data are :func:`~lightning_real.recipes.builder.build`'s.
     """
-    data = merged_mapping(path, overrides)
+    data = with_preset(merged_mapping(path, overrides))
     try:
         recipe = to_dataclass(Recipe, data)
         check_sections(data, recipe)

@@ -13,7 +13,7 @@ from typing import Any
 from lightning_real.module import RLHFModule
 from lightning_real.recipes.errors import RecipeError
 from lightning_real.recipes.schema import ModelSourceConfig, Recipe
-from lightning_real.registry import lookup
+from lightning_real.registry import GRPO_FAMILY, lookup
 from lightning_real.registry import module_class as registered_class
 
 
@@ -43,6 +43,24 @@ def model_source(src: ModelSourceConfig, tokenizer: Any) -> Any:
     return None
 
 
+def verifiable_reward(recipe: Recipe, rows: str, tokenizer: Any) -> Any:
+    """``reward.fn`` over the ground truths of the prompt file ``rows`` (its ``data.answer_key``
+    field, by row number)."""
+    from lightning_real.data.rows import DataError
+    from lightning_real.data.verifiable import VerifiableReward, load_reward_fn, read_ground_truth
+
+    assert recipe.reward.fn is not None
+    try:
+        fn = load_reward_fn(recipe.reward.fn)
+    except ValueError as e:
+        raise RecipeError(f"key 'reward.fn': {e}") from None
+    try:
+        truths = read_ground_truth(rows, recipe.data.answer_key)
+    except DataError as e:
+        raise RecipeError(f"{e}; reward.fn scores against each row's data.answer_key field") from None
+    return VerifiableReward(fn, truths, tokenizer)
+
+
 def make_module(recipe: Recipe, tokenizer: Any) -> RLHFModule:
     """The recipe's LightningModule (models are built later, when the strategy sets up)."""
     # Each algorithm's module has its own constructor; the arguments below follow each one.
@@ -50,6 +68,11 @@ def make_module(recipe: Recipe, tokenizer: Any) -> RLHFModule:
     src = {
         role: model_source(getattr(recipe, role), tokenizer) for role in ("actor", "critic", "reward", "ref")
     }
+    val_reward = None
+    if recipe.reward.fn is not None:
+        src["reward"] = verifiable_reward(recipe, recipe.data.train, tokenizer)
+        if recipe.data.val is not None:
+            val_reward = verifiable_reward(recipe, recipe.data.val, tokenizer)
     common: dict[str, Any] = {
         "batch_size": recipe.data.batch_size,
         "n_mbs": recipe.n_mbs,
@@ -60,6 +83,8 @@ def make_module(recipe: Recipe, tokenizer: Any) -> RLHFModule:
         "actor_optim": recipe.optim,
         "tokenizer": tokenizer,
         "prompt_len": recipe.data.max_prompt_len,
+        "val_reward": val_reward,
+        "val_at_start": recipe.trainer.val_before_training,
     }
     a = recipe.algorithm
     try:
@@ -80,7 +105,7 @@ def make_module(recipe: Recipe, tokenizer: Any) -> RLHFModule:
                 **rl,
                 **common,
             )
-        if a == "grpo":
+        if a in GRPO_FAMILY:
             return cls(
                 src["actor"],
                 src["reward"],

@@ -32,9 +32,17 @@ def read_metrics(run: str | Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def _step(row: dict[str, str], key: str) -> int:
+    # A validation metric is drawn at the training steps its weights had taken (val/step), not
+    # at Lightning's logging step (one less, and 0 for the evaluation before training too).
+    if key.startswith("val/") and row.get("val/step") not in (None, ""):
+        return int(float(row["val/step"]))
+    return int(row["step"])
+
+
 def series(rows: list[dict[str, str]], key: str) -> tuple[list[int], list[float]]:
     """(steps, values) of one metric, skipping rows that do not carry it."""
-    pts = [(int(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
+    pts = [(_step(r, key), float(r[key])) for r in rows if r.get(key) not in (None, "")]
     if not pts:
         have = sorted(k for k in (rows[0] if rows else {}) if k != "step")
         raise PlotError(f"metric {key!r} is not in the run; logged: {', '.join(have[:40])}")
@@ -52,7 +60,7 @@ def plot(run: str | Path, out: str | Path, keys: Sequence[str] = DEFAULT_KEYS) -
     data = [(k, *series(rows, k)) for k in keys]
     fig, axes = plt.subplots(1, len(data), figsize=(4.2 * len(data), 3.2), squeeze=False)
     for ax, (key, steps, values) in zip(axes[0], data):
-        ax.plot(steps, values)
+        ax.plot(steps, values, marker="o" if len(steps) <= 40 else None, markersize=3)
         ax.set(title=key, xlabel="step")
         ax.grid(alpha=0.3)
     fig.tight_layout()

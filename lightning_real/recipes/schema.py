@@ -18,8 +18,22 @@ from lightning_real.data.modules import DataConfig
 from lightning_real.features import RuntimeFeatures
 from lightning_real.models.generate import GenerationConfig
 from lightning_real.models.optim import OptimConfig
+from lightning_real.registry import GRPO_FAMILY
 
-Algorithm = Literal["sft", "rw", "ppo", "grpo", "remax", "dpo"]
+Algorithm = Literal[
+    "sft",
+    "rw",
+    "ppo",
+    "grpo",
+    "remax",
+    "dpo",
+    "rloo",
+    "reinforce_pp",
+    "reinforce_pp_baseline",
+    "gspo",
+    "dapo",
+    "dr_grpo",
+]
 ALGORITHMS: tuple[str, ...] = get_args(Algorithm)
 """The names of :data:`lightning_real.registry.ALGORITHMS` (a test keeps the two equal)."""
 Role = Literal["actor", "critic", "reward", "ref"]
@@ -39,11 +53,15 @@ class ModelSourceConfig:
     rule: Literal["task"] | None = None
     """Reward of PPO, GRPO and ReMax only: a rule instead of a model; 'task' scores the shipped
     'say the letter' task (``lightning_real.data.task``)."""
+    fn: str | None = None
+    """Reward of PPO, GRPO and ReMax only: a verifiable reward, 'module:function' called as
+    fn(prompt, response, ground_truth) -> float, the ground truth being each row's data.answer_key
+    field (e.g. lightning_real.data.arithmetic:exact_match)."""
 
     @property
     def given(self) -> bool:
         """Whether the recipe names a source for this role."""
-        return any(v is not None for v in (self.path, self.tiny, self.rule))
+        return any(v is not None for v in (self.path, self.tiny, self.rule, self.fn))
 
 
 @dataclass(frozen=True)
@@ -57,6 +75,8 @@ class DataSection(DataConfig):
     """Validation rows, same format as ``train``; null: no validation."""
     tokenizer: str | None = None
     """Local tokenizer folder; null: the built-in byte tokenizer (259 tokens, fits tiny models)."""
+    answer_key: str = "answer"
+    """Field of each prompt row holding its ground truth, read when the reward is reward.fn."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +96,12 @@ class TrainerConfig:
     """Training iterations (one dataflow iteration, i.e. one batch of the data module, each)."""
     log_every_n_steps: int = 1
     """Log metrics every this many steps."""
+    val_every_n_steps: int = 0
+    """Run the validation loop on data.val every this many steps (rollout algorithms: greedy
+    responses to the held-out prompts, scored: val/reward, val/accuracy); 0: at the end of each
+    epoch, Lightning's default."""
+    val_before_training: bool = False
+    """Also evaluate data.val before the first step, logged at step 0 (rollout algorithms)."""
     seed: int = 0
     """Seed of every process (``seed_everything``) and of randomly initialised models."""
     logger: Literal["csv", "wandb", "none"] = "csv"
@@ -139,7 +165,8 @@ class Recipe:
     """One training run: the algorithm, its models, data, plan and hyper-parameters."""
 
     algorithm: Algorithm
-    """sft, rw (reward model), ppo, grpo, remax or dpo."""
+    """sft, rw (reward model), ppo, grpo, remax, dpo, or one of GRPO's family (rloo,
+    reinforce_pp, reinforce_pp_baseline, gspo, dapo, dr_grpo: presets of the grpo section)."""
     actor: ModelSourceConfig = field(default_factory=ModelSourceConfig)
     """The policy (trained by sft, ppo, grpo, remax, dpo)."""
     critic: ModelSourceConfig = field(default_factory=ModelSourceConfig)
@@ -171,7 +198,10 @@ class Recipe:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     """PPO hyper-parameters (also ReMax's KL penalty and reward settings)."""
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
-    """GRPO hyper-parameters (group_size responses per prompt)."""
+    """Hyper-parameters of GRPO and its family (group_size responses per prompt, adv_estimator,
+    policy_loss, loss_agg, dynamic sampling). The defaults below are GRPO's; algorithm rloo,
+    reinforce_pp, reinforce_pp_baseline, gspo, dapo or dr_grpo starts from that algorithm's
+    preset instead (docs/rlhf.md lists them), and the keys given here override it."""
     dpo: DPOConfig = field(default_factory=DPOConfig)
     """DPO hyper-parameters."""
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -216,6 +246,8 @@ USES: dict[str, AlgorithmUse] = {
     ),
     "dpo": AlgorithmUse(("actor", "ref"), ("actor",), ("actor",), ("optim", "dpo"), "preference"),
 }
+for _name in GRPO_FAMILY[1:]:
+    USES[_name] = USES["grpo"]
 """Roles and sections of each algorithm."""
 SECTIONS: tuple[str, ...] = ("optim", "critic_optim", "generation", "ppo", "grpo", "dpo")
 """Hyper-parameter sections, used by some algorithms only."""

@@ -89,6 +89,12 @@ def make_trainer(recipe: Recipe, world: World, start_method: str) -> Trainer:
 
     t, s = recipe.trainer, recipe.strategy
     features = recipe_features(recipe)
+    # every N steps, across epoch boundaries (Lightning otherwise validates per epoch)
+    val: dict[str, Any] = (
+        {"val_check_interval": t.val_every_n_steps, "check_val_every_n_epoch": None}
+        if t.val_every_n_steps
+        else {}
+    )
     strategy = RealStrategy(
         plan=recipe.plan,
         gpus_per_node=s.gpus_per_node,
@@ -114,6 +120,7 @@ def make_trainer(recipe: Recipe, world: World, start_method: str) -> Trainer:
             enable_model_summary=True,  # RealStrategy shows its role summary in its place
             enable_progress_bar=t.progress_bar,
             num_sanity_val_steps=0,
+            **val,
             default_root_dir=t.output_dir,
             # The data module's seeded sampler gives every rank the same global batch already.
             use_distributed_sampler=False,

@@ -33,14 +33,15 @@ def check_roles(recipe: Recipe) -> None:
                 f"algorithm {recipe.algorithm!r} has no {role} model (it uses: {', '.join(use.roles)}); "
                 f"remove the {role} section"
             )
-        given = [k for k in ("path", "tiny", "rule") if getattr(src, k) is not None]
+        given = [k for k in ("path", "tiny", "rule", "fn") if getattr(src, k) is not None]
         if len(given) > 1:
-            raise RecipeError(f"{role}: give one of path, tiny, rule; got {' and '.join(given)}")
-        if src.rule is not None and (role != "reward" or role in use.trained):
-            raise RecipeError(
-                f"key '{role}.rule': a rule replaces only the reward model of ppo, grpo and remax; "
-                f"give {role}.path or {role}.tiny"
-            )
+            raise RecipeError(f"{role}: give one of path, tiny, rule, fn; got {' and '.join(given)}")
+        for key in ("rule", "fn"):
+            if getattr(src, key) is not None and (role != "reward" or role in use.trained):
+                raise RecipeError(
+                    f"key '{role}.{key}': a rule replaces only the reward model of ppo, grpo and remax; "
+                    f"give {role}.path or {role}.tiny"
+                )
 
 
 def check_model_path(key: str, path: str) -> None:
@@ -138,6 +139,12 @@ def check_counts(recipe: Recipe) -> None:
     t = recipe.trainer
     _at_least("trainer.max_steps", t.max_steps, 1)
     _at_least("trainer.log_every_n_steps", t.log_every_n_steps, 1)
+    _at_least("trainer.val_every_n_steps", t.val_every_n_steps, 0)
+    if t.val_before_training and (recipe.data.val is None or USES[recipe.algorithm].data != "prompts"):
+        raise RecipeError(
+            "key 'trainer.val_before_training': needs data.val and a rollout algorithm "
+            "(ppo, remax or GRPO's family), which evaluates held-out prompts"
+        )
     _at_least("trainer.checkpoint_every_n_steps", t.checkpoint_every_n_steps, 0)
     if t.keep_checkpoints == 0 or t.keep_checkpoints < -1:
         raise RecipeError(
