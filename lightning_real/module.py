@@ -169,8 +169,8 @@ class RLHFModule(LightningModule):
     def load_resharded_state_dict(self, states: list[dict[str, Any]], where: str) -> None:
         """Restore :meth:`real_state_dict` of every rank of a run under another plan or world
         size (``states[r]``: rank r's): each trained role reassembled in canonical coordinates
-        and sliced onto this rank's layout positions (:mod:`lightning_real.checkpoint.canonical`)."""
-        from lightning_real.checkpoint.canonical import assemble, load_canonical
+        and sliced onto this rank's layout positions (:mod:`lightning_real.resume.canonical`)."""
+        from lightning_real.resume.canonical import assemble, load_canonical
 
         for role, engine in self.engines.items():
             saved = [(s.get(role, {}), s.get(f"{role}_optim", {})) for s in states]

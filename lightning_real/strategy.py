@@ -31,7 +31,6 @@ from lightning.pytorch.strategies import DDPStrategy
 from typing_extensions import override
 
 from lightning_real.checkpoint.rng import rng_states, set_rng_states
-from lightning_real.checkpoint.roles import check_roles, role_specs
 from lightning_real.checkpoint.sharded import LoadedCheckpoint, load_sharded, remove_folder, save_sharded
 from lightning_real.data.position import EpochPositionLoader
 from lightning_real.distributed.groups import GroupRegistry, collective_timeout
@@ -47,6 +46,7 @@ from lightning_real.features import RuntimeFeatures, precision_of
 from lightning_real.layout import Layout
 from lightning_real.loggers import finish_wandb_runs
 from lightning_real.plans import Plan
+from lightning_real.resume.roles import check_roles, role_specs
 from lightning_real.runtime.executor import Executor, reduce_metrics
 from lightning_real.runtime.trace import Event, Tracer, gather_events, summarize, to_chrome_trace
 

@@ -1,8 +1,8 @@
 """Models and optimizer states through canonical coordinates, on 4 real gloo processes.
 
 After two training steps under a layout, every rank's saved ``(parameters, engine state)`` is
-reassembled into canonical tensors (:func:`~lightning_real.checkpoint.canonical.assemble`) and
-sliced back (:func:`~lightning_real.checkpoint.canonical.load_canonical`) into a freshly built
+reassembled into canonical tensors (:func:`~lightning_real.resume.canonical.assemble`) and
+sliced back (:func:`~lightning_real.resume.canonical.load_canonical`) into a freshly built
 shard and engine: under the same layout the parameters, Adam moments, step counts and fp32
 master weights must come back bit-identical (only copies happen), ZeRO-1 slices included; under
 another layout the canonical state reassembled from it must equal the first one bit for bit.
@@ -18,9 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lightning_real.checkpoint.canonical import CanonicalState, assemble, load_canonical
 from lightning_real.checkpoint.folders import CheckpointError
-from lightning_real.checkpoint.roles import check_roles, role_specs
 from lightning_real.distributed.groups import GroupRegistry
 from lightning_real.distributed.launch import spawn
 from lightning_real.layout import Layout
@@ -31,6 +29,8 @@ from lightning_real.models.sharding import random_canonical
 from lightning_real.models.spec import ModelSpec, tiny_spec
 from lightning_real.models.train import TrainConfig, TrainEngine, split_for_dp
 from lightning_real.models.vocab_parallel import vocab_parallel_logprobs
+from lightning_real.resume.canonical import CanonicalState, assemble, load_canonical
+from lightning_real.resume.roles import check_roles, role_specs
 
 WORLD = 4
 B, S = 8, 10

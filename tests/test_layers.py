@@ -22,6 +22,7 @@ LAYERS: dict[str, int] = {
     # 2: models and their moves
     "models": 2,
     "realloc": 2,
+    "resume": 2,
     # 3: plans, graphs, losses, data
     "plans": 3,
     "graphs": 3,

@@ -1,13 +1,10 @@
-"""Checkpoint folders on disk: atomic swaps, per-rank sharded training checkpoints, resharding, RNG states.
+"""Checkpoint folders on disk: atomic swaps, per-rank sharded training checkpoints, RNG states
+(resharding onto another plan lives one layer up, in :mod:`lightning_real.resume`).
 
 * :mod:`~lightning_real.checkpoint.folders`: the one atomic folder swap (fsync'd) and the one
   error type, used by training checkpoints and HF exports alike;
 * :mod:`~lightning_real.checkpoint.sharded`: RealStrategy's checkpoint format, one shard file
   per rank plus ``meta.pt``;
-* :mod:`~lightning_real.checkpoint.canonical`: a trained model's parameters and optimizer state
-  reassembled in canonical coordinates and sliced onto another layout (resume under another
-  plan or world size);
-* :mod:`~lightning_real.checkpoint.roles`: the trained roles' architectures, checked on load;
 * :mod:`~lightning_real.checkpoint.rng`: the random states a rank saves and restores.
 """
 

@@ -6,7 +6,7 @@ size, the plan, the list of shards and the architecture of every trained role. E
 a shard is a slice of a canonical (layout-independent) tensor and the shard records which: a run
 with the checkpoint's world size and plan reads its own shard back as it was (exact resume), any
 other reads every shard and reslices the models and optimizer states onto its own layouts
-(:mod:`~lightning_real.checkpoint.canonical`). Every rank writes into ``<name>.tmp``; only when all
+(:mod:`~lightning_real.resume.canonical`). Every rank writes into ``<name>.tmp``; only when all
 succeeded does rank 0 add ``meta.pt`` (last: a folder with it is complete) and swap the folder
 in (:func:`~lightning_real.checkpoint.folders.swap_in`). A failure on any rank raises on every
 rank and leaves earlier checkpoints as they were. All ranks must share the filesystem.
@@ -139,7 +139,7 @@ def load_sharded(
     """Read the checkpoint at ``path`` for rank ``rank`` of a run of ``world_size`` under ``plan``.
 
     With the checkpoint's world size and plan, a rank reads its own shard (the exact resume);
-    otherwise every shard, memory-mapped, for :mod:`~lightning_real.checkpoint.canonical` to
+    otherwise every shard, memory-mapped, for :mod:`~lightning_real.resume.canonical` to
     reslice onto this run's layouts. ``check_meta(folder, meta)`` runs before any shard is read.
     Every rank checks the whole folder, so every rank fails alike.
     """
