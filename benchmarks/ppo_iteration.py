@@ -68,8 +68,8 @@ def _module(args: argparse.Namespace) -> PPOModule:
     )
 
 
-def _predicted(plan: Any, args: argparse.Namespace, hw: Any) -> float:
-    """The planner's iteration time for ``plan`` on the 4-process cluster (the module's own
+def _predicted(plan: Any, args: argparse.Namespace, hw: Any) -> Any:
+    """The planner's simulated iteration of ``plan`` on the 4-process cluster (the module's own
     graph, models and the runtime's default features, as RealStrategy resolves them)."""
     from lightning_real.features import RuntimeFeatures
     from lightning_real.planner.auto import cluster_for_world, search_plan
@@ -80,7 +80,7 @@ def _predicted(plan: Any, args: argparse.Namespace, hw: Any) -> float:
     module = _module(args)
     graph, specs, features = module.real_graph(), module.real_specs(), RuntimeFeatures()
     resolved = resolve_plan(plan, graph, 4, specs, search=lambda: search_plan(graph, specs, features, 4, 4))
-    return simulate(Workload(graph, specs, features), resolved, cluster_for_world(4, 4, hw)).time
+    return simulate(Workload(graph, specs, features), resolved, cluster_for_world(4, 4, hw))
 
 
 def _run(plan: Any, out: Path, args: argparse.Namespace) -> list[dict[str, float]]:
@@ -154,13 +154,30 @@ def main() -> None:
     ]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
+    sims = {n: _predicted(PLANS[n], args, hw) for n in names}
     for n in names:
         it = med(n, "timing_s/iteration")
-        pred = _predicted(PLANS[n], args, hw)
+        pred = sims[n].time
         cells = [n, f"{it:.3f}", f"{pred:.3f}", f"{(pred - it) / it:+.0%}", f"{base / it:.2f}x"]
         cells += [f"{med(n, f'timing_s/{c}'):.3f}" for c in CALLS]
         cells += [f"{med(n, 'timing_s/realloc'):.3f}", f"{med(n, 'realloc/bytes') / 1e6:.2f}"]
         cells += [f"{med(n, 'perf/throughput'):.0f}"]
+        print("| " + " | ".join(cells) + " |")
+    # Each call's span beside the cost model's time for it, and the iteration's other time
+    print("\nper call, measured / predicted (s):\n")
+    print("| plan | " + " | ".join(CALLS) + " | calls summed | iteration |")
+    print("|" + "---|" * (len(CALLS) + 3))
+    for n in names:
+        cells = [n]
+        measured = predicted = 0.0
+        for c in CALLS:
+            m, p = med(n, f"timing_s/{c}"), sims[n].costs[c].time
+            measured, predicted = measured + m, predicted + p
+            cells.append(f"{m:.3f} / {p:.3f}")
+        cells += [
+            f"{measured:.3f} / {predicted:.3f}",
+            f"{med(n, 'timing_s/iteration'):.3f} / {sims[n].time:.3f}",
+        ]
         print("| " + " | ".join(cells) + " |")
 
 

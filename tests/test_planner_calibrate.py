@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from lightning_real.dataflow import MFC
 from lightning_real.features import REFERENCE
 from lightning_real.models.spec import tiny_spec
@@ -19,6 +21,10 @@ def test_calibration_measures_this_machine() -> None:
     assert 1e5 < hw.intra_bw < 1e13 and 0 < hw.intra_latency < 0.1
     assert 0 < hw.layer_overhead < 0.05
     assert 1.0 <= hw.backward_factor < 8
+    # the shape and decode probes: small matmuls no faster than large ones, a sampling-noise rate,
+    # decode terms fitted non-negative
+    assert hw.matmul_half_tokens >= 0 and hw.noise_rate is not None and 1e5 < hw.noise_rate < 1e13
+    assert min(hw.step_overhead, hw.decode_layer_overhead, hw.decode_row_time, hw.decode_key_time) >= 0
     if hw.node_flops is not None:
         # two processes together do at least the work of one (they share at most one core each)
         assert hw.node_flops > 0.8 * hw.flops
@@ -27,3 +33,37 @@ def test_calibration_measures_this_machine() -> None:
     # a calibrated profile prices calls like the built-in ones
     call = MFC("i", "actor", "inference", (), (), batch_size=4, prompt_len=32, gen_len=0)
     assert call_cost(call, tiny_spec("llama"), 1, 1, 1, 1, Cluster(1, 2, hw), REFERENCE).time > 0
+
+
+def test_decode_terms_are_recovered_from_step_times_the_model_prices() -> None:
+    import numpy as np
+
+    from lightning_real.planner.calibrate import DECODE_GRID, _decode_per_step, backend_decode_terms
+    from lightning_real.planner.hardware import CPU_GLOO
+
+    # step times priced by a profile with known decode terms fit back to those terms
+    known = dict(step_overhead=2e-3, decode_layer_overhead=5e-4, decode_row_time=3e-6, decode_key_time=4e-7)
+    truth = CPU_GLOO.__class__(**{**CPU_GLOO.__dict__, **known})
+    steps = [_decode_per_step(truth, *probe) for probe in DECODE_GRID]
+    fitted = backend_decode_terms(CPU_GLOO, steps)
+    for k, v in known.items():
+        assert fitted[k] == pytest.approx(v, rel=1e-6), k
+    # a term the measurements do not support comes out 0, never negative
+    no_rows = {**known, "decode_row_time": 0.0}
+    truth = CPU_GLOO.__class__(**{**CPU_GLOO.__dict__, **no_rows})
+    steps = [_decode_per_step(truth, *probe) - 1e-5 * (i % 2) for i, probe in enumerate(DECODE_GRID)]
+    fitted = backend_decode_terms(CPU_GLOO, steps)
+    assert min(fitted.values()) >= 0.0
+    assert np.isfinite(list(fitted.values())).all()
+
+
+def test_nonnegative_least_squares() -> None:
+    import numpy as np
+
+    from lightning_real.planner.calibrate import nonnegative_lstsq
+
+    a = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    # the unconstrained solution has x1 < 0; the constrained one sets it to 0
+    x = nonnegative_lstsq(a, np.array([2.0, -1.0, 1.0]))
+    assert x[1] == 0.0 and x[0] == pytest.approx(1.5)
+    assert nonnegative_lstsq(a, np.array([1.0, 2.0, 3.0])) == pytest.approx([1.0, 2.0])

@@ -132,3 +132,61 @@ def test_presets_use_four_ppo_minibatches() -> None:
 
     w = workload_from_recipe("ppo-7b")
     assert w.call("actor_train").minibatches == 4 and w.call("critic_train").minibatches == 4
+
+
+def test_decode_row_and_key_costs_scale_with_rows_layers_and_context() -> None:
+    # a CPU-like profile (no launch overlap) with only the calibrated decode terms switched on
+    base_hw = replace(H100, async_launch=False, step_overhead=0.0)
+    key_hw = replace(base_hw, decode_key_time=1e-6)
+    row_hw = replace(base_hw, decode_row_time=1e-5)
+
+    def extra(hw: object, batch: int, prompt: int, pp: int = 1) -> float:
+        call = MFC("g", "actor", "generate", (), (), batch_size=batch, prompt_len=prompt, gen_len=33)
+        plain = call_cost(call, SPEC, 1, 1, pp, 1, Cluster(1, 8, base_hw), GPU_FEATURES).time
+        return call_cost(call, SPEC, 1, 1, pp, 1, Cluster(1, 8, hw), GPU_FEATURES).time - plain  # type: ignore[arg-type]
+
+    # 32 decode steps over 32 layers: rows x layers x steps x 10 us
+    assert extra(row_hw, 8, 128) == pytest.approx(8 * 32 * 32 * 1e-5, rel=1e-6)
+    # per cached key: context prompt..prompt+31 at each of the 32 steps
+    keys = sum(range(128, 128 + 32))
+    assert extra(key_hw, 8, 128) == pytest.approx(8 * 32 * keys * 1e-6, rel=1e-6)
+    assert extra(key_hw, 8, 256) > extra(key_hw, 8, 128)
+    # pipeline stages of one round run in turn: the same layers pay the same decode costs
+    assert extra(row_hw, 8, 128, pp=2) == pytest.approx(extra(row_hw, 8, 128), rel=1e-6)
+
+
+def test_sampling_noise_covers_the_whole_vocabulary_on_every_tensor_rank() -> None:
+    hw = replace(H100, noise_rate=1e9)
+    call = _gen(batch=16, gen=33)
+    tp1 = call_cost(call, SPEC, 1, 1, 1, 1, Cluster(1, 8, hw), GPU_FEATURES).time
+    tp1_fast = call_cost(
+        call, SPEC, 1, 1, 1, 1, Cluster(1, 8, replace(hw, noise_rate=1e18)), GPU_FEATURES
+    ).time
+    # 33 draws (the prefill's token and 32 decode steps) of 16 x vocab entries at 1e9 per second
+    assert tp1 - tp1_fast == pytest.approx(33 * 16 * SPEC.vocab_size / 1e9, rel=1e-6)
+    tp4 = call_cost(call, SPEC, 1, 4, 1, 1, Cluster(1, 8, hw), GPU_FEATURES).time
+    tp4_fast = call_cost(
+        call, SPEC, 1, 4, 1, 1, Cluster(1, 8, replace(hw, noise_rate=1e18)), GPU_FEATURES
+    ).time
+    assert tp4 - tp4_fast == pytest.approx(tp1 - tp1_fast, rel=1e-6)
+
+
+def test_host_work_slows_down_when_cpu_processes_share_the_cores() -> None:
+    from lightning_real.planner.hardware import CPU_GLOO
+
+    # 4 processes time-share 2 cores; 2 processes have one each
+    assert CPU_GLOO.host_cores == 2
+    assert CPU_GLOO.host_slowdown(1) == CPU_GLOO.host_slowdown(2) == 1.0
+    assert CPU_GLOO.host_slowdown(4) == 2.0
+    assert H100.host_slowdown(8) == 1.0  # a GPU process has a core of its own
+    spec = llama2_spec("7b")
+    call = _gen(batch=4, gen=9)
+    cpu = Cluster(1, 4, CPU_GLOO)
+    only_overhead = replace(CPU_GLOO, layer_overhead=CPU_GLOO.layer_overhead + 1e-3)
+    alone = call_cost(call, spec, 1, 1, 1, 1, Cluster(1, 4, only_overhead), GPU_FEATURES).time
+    alone_base = call_cost(call, spec, 1, 1, 1, 1, cpu, GPU_FEATURES).time
+    shared = call_cost(call, spec, 1, 4, 1, 1, Cluster(1, 4, only_overhead), GPU_FEATURES).time
+    shared_base = call_cost(call, spec, 1, 4, 1, 1, cpu, GPU_FEATURES).time
+    # 1 ms more per layer pass (9 passes x 32 layers) costs slowdown(4) times more when 4 share
+    assert alone - alone_base == pytest.approx(9 * 32 * 1e-3, rel=1e-6)
+    assert shared - shared_base == pytest.approx(CPU_GLOO.host_slowdown(4) * 9 * 32 * 1e-3, rel=1e-6)

@@ -14,8 +14,14 @@
   and the forward time of a small calibration model (3 layers, 192 wide, 8 x 256 tokens, with
   log-softmax), from which the elementwise throughput the cost model needs to reproduce it is
   solved (:func:`backend_elementwise_bw`; on CPUs, where these passes are far from the copy
-  bandwidth), and the time per decode step of its generation, whose excess over the cost
-  model's layers becomes the per-step overhead (:func:`backend_step_overhead`).
+  bandwidth);
+* matmuls by shape: the same product over 16 rows, whose rate against the 2048-row one gives
+  the small-matmul efficiency (``matmul_half_tokens``);
+* decode steps by layers, batch and context: the time per decode step of the backend's own
+  generation for 1- and 3-layer variants of the calibration model, 2 and 16 prompts of 16 and
+  128 tokens; their excess over the cost model's roofline is fitted (non-negative least squares)
+  with a per-step, a per-layer, a per-row and a per-cached-key cost
+  (:func:`backend_decode_terms`); and the rate of drawing the sampling noise.
 
 The result is a :class:`~lightning_real.planner.hardware.HardwareProfile` like the GPU ones, with
 ``gpus_per_node`` devices meant to be the processes of one node.
@@ -24,6 +30,7 @@ The result is a :class:`~lightning_real.planner.hardware.HardwareProfile` like t
 from __future__ import annotations
 
 import datetime
+import itertools
 import math
 import os
 import platform
@@ -31,6 +38,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -46,8 +54,16 @@ MM_SHAPE = (2048, 256, 1024)
 CALIBRATION_SPEC = tiny_spec("llama", num_layers=3, hidden_size=192, ffn_hidden_size=512, vocab_size=2048)
 """A small model unlike the ones the planner is usually checked on (head width 48, GQA 2:1)."""
 CALIBRATION_BATCH = (8, 256)
-DECODE_BATCH, DECODE_STEPS = (8, 32), 16
-"""Generation probe: 8 prompts of 32 tokens, then 16 decode steps."""
+DECODE_STEPS = 16
+"""Decode steps per generation probe (after the prefill's token)."""
+DECODE_GRID: tuple[tuple[int, int, int], ...] = tuple(
+    (layers, rows, prompt) for layers in (1, 3) for rows in (2, 16) for prompt in (16, 128)
+)
+"""Generation probes: (layers of the calibration model, prompts, prompt tokens)."""
+NOISE_SHAPE = (16, 2048)
+"""Rows x vocabulary of the sampling-noise probe."""
+SMALL_MM_ROWS = 16
+"""Rows of the small-matmul probe (decode batches)."""
 _BACKEND = REFERENCE
 """The features the calibration probes are built with (fp32, local attention, replicated Adam)."""
 ELEMENTWISE_SHAPE = (4096, 1024)
@@ -152,18 +168,18 @@ def _allreduce_time(nbytes: int, dev: torch.device, reps: int) -> float:
     return float(t[0])
 
 
-def _backend(rank: int, world: int, reps: int) -> tuple[float, float, float, float]:
+def _backend(rank: int, world: int, reps: int) -> tuple[float, float, float, list[float]]:
     """(seconds per extra tiny layer, backward over forward time, seconds of an inference forward,
-    seconds per decode step) of the megatron-core backend, measured on rank 0: forward of 1 and
-    5 tiny layers on one token; forward with log-softmax, forward with backward, and generation
-    of the calibration model."""
+    seconds per decode step of each :data:`DECODE_GRID` probe) of the megatron-core backend,
+    measured on rank 0: forward of 1 and 5 tiny layers on one token; forward with log-softmax,
+    forward with backward, and generation of the calibration model."""
     from lightning_real.distributed.groups import GroupRegistry
     from lightning_real.layout import Layout
     from lightning_real.models.build import build_gpt
 
     reg = GroupRegistry()
     groups = reg.for_layout(Layout(1, 1, 1, (0,)))
-    out = torch.zeros(4, dtype=torch.float64)
+    out = torch.zeros(3 + len(DECODE_GRID), dtype=torch.float64)
     if rank == 0:
         dev = device()
 
@@ -191,31 +207,68 @@ def _backend(rank: int, world: int, reps: int) -> tuple[float, float, float, flo
 
         with torch.no_grad():
             out[2] = _timed(forward, reps)
-        out[3] = _decode_step(ModelShard.build(CALIBRATION_SPEC, groups, seed=0), reps)
+        for i, (layers, rows, prompt) in enumerate(DECODE_GRID):
+            spec = replace(CALIBRATION_SPEC, num_layers=layers)
+            out[3 + i] = _decode_step(ModelShard.build(spec, groups, seed=0), rows, prompt, max(5, reps // 2))
         t_f = _timed(forward, reps)
         t_fb = _timed(lambda: forward().backward(), reps)
         out[1] = max(1.0, (t_fb - t_f) / t_f)
     dist.all_reduce(out)
-    return float(out[0]), float(out[1]), float(out[2]), float(out[3])
+    return float(out[0]), float(out[1]), float(out[2]), [float(x) for x in out[3:]]
 
 
-def _decode_step(shard: Any, reps: int) -> float:
-    """Seconds per decode step of the backend's generation (calibration prompts, sampling)."""
+def _decode_step(shard: Any, b: int, n: int, reps: int) -> float:
+    """Seconds per decode step of the backend's generation (``b`` prompts of ``n`` tokens, sampling)."""
     from lightning_real.models.generate import GenerationConfig, generate
 
-    b, n = DECODE_BATCH
     ids = torch.ones(b, n, dtype=torch.long, device=device())
     mask = torch.ones_like(ids)
-    short, long = (
-        _timed(lambda k=k: generate(shard, ids, mask, GenerationConfig(max_new_tokens=k, seed=0)), reps)
-        for k in (1, 1 + DECODE_STEPS)
-    )
-    return max(0.0, (long - short) / DECODE_STEPS)
+    cfg = GenerationConfig(max_new_tokens=1 + DECODE_STEPS, seed=0)
+    # A decode step is the time from one forward's start to the next (forward, sampling, the
+    # loop's bookkeeping); the median step of a run resists bursts of other work, the best run
+    # is the machine's speed.
+    starts: list[float] = []
+    assert shard.module is not None
+    hook = shard.module.register_forward_pre_hook(lambda *_: starts.append(time.perf_counter()))
+    best = float("inf")
+    try:
+        for _ in range(reps + 1):
+            starts.clear()
+            generate(shard, ids, mask, cfg)
+            _sync()
+            steps = sorted(t1 - t0 for t0, t1 in itertools.pairwise(starts[1:]))
+            best = min(best, steps[len(steps) // 2])
+    finally:
+        hook.remove()
+    return best
+
+
+def _small_matmul_rate(rank: int, reps: int) -> float:
+    """FLOP/s of the probe matmul over :data:`SMALL_MM_ROWS` rows, on rank 0 (0 elsewhere)."""
+    if rank != 0:
+        return 0.0
+    _, k, n = MM_SHAPE
+    dev = device()
+    a = torch.randn(SMALL_MM_ROWS, k, device=dev)
+    b = torch.randn(k, n, device=dev)
+    return 2.0 * SMALL_MM_ROWS * k * n / _timed(lambda: a @ b, reps)
+
+
+def _noise_rate(rank: int, reps: int) -> float:
+    """Vocabulary entries per second of the sampler's noise draw (exponential, then log), rank 0."""
+    if rank != 0:
+        return 0.0
+    b, v = NOISE_SHAPE
+    gen = torch.Generator(device=device()).manual_seed(0)
+    x = torch.empty(b, v, device=device())
+    return b * v / _timed(lambda: x.exponential_(generator=gen).log_(), reps)
 
 
 def _probe(rank: int, world: int, reps: int) -> dict[str, float]:
     dev = device()
     flops, node_flops = _alone_and_together(rank, world, _matmul_work(dev), reps)
+    rates = torch.tensor([_small_matmul_rate(rank, reps), _noise_rate(rank, reps)], dtype=torch.float64)
+    dist.all_reduce(rates)
     bw, node_bw = _alone_and_together(rank, world, _copy_work(dev), reps)
     ew, _ = _alone_and_together(rank, world, _elementwise_work(dev), reps)
     steps = math.ceil(math.log2(world)) if world > 1 else 1
@@ -224,8 +277,11 @@ def _probe(rank: int, world: int, reps: int) -> dict[str, float]:
     latency = t_small / steps
     factor = 2 * (world - 1) / world if world > 1 else 1.0
     link_bw = factor * BIG_BYTES / max(1e-9, t_big - steps * latency)
-    overhead, bwd, t_fwd, t_step = _backend(rank, world, reps)
+    overhead, bwd, t_fwd, t_steps = _backend(rank, world, reps)
     return dict(
+        small_matmul_flops=float(rates[0]),
+        noise_rate=float(rates[1]),
+        **{f"t_decode_step_l{lay}_b{b}_n{n}": t for (lay, b, n), t in zip(DECODE_GRID, t_steps, strict=True)},
         flops=flops,
         node_flops=node_flops,
         mem_bw=bw,
@@ -236,7 +292,6 @@ def _probe(rank: int, world: int, reps: int) -> dict[str, float]:
         backward_factor=bwd,
         elementwise_mix_bw=ew,
         t_calibration_forward=t_fwd,
-        t_calibration_decode_step=t_step,
         t_small=t_small,
         t_big=t_big,
     )
@@ -248,7 +303,7 @@ def calibrate(
     """Measure this machine with ``world_size`` processes; returns the profile and the raw numbers."""
     from lightning_real.distributed.launch import spawn
 
-    raw = spawn(_probe, world_size, reps)[0]
+    raw: dict[str, Any] = spawn(_probe, world_size, reps)[0]
     gpu = torch.cuda.is_available()
     if gpu:
         mem = float(torch.cuda.get_device_properties(0).total_memory)
@@ -268,6 +323,10 @@ def calibrate(
         inter_latency=raw["latency"],
         # The matmul probe runs in fp32, so its rate serves fp32 runs as measured.
         fp32_flops_ratio=1.0,
+        # A pass over n rows runs at n / (n + h) of the large-GEMM rate: solved from the 16-row probe.
+        matmul_half_tokens=SMALL_MM_ROWS * max(0.0, raw["flops"] / max(raw["small_matmul_flops"], 1.0) - 1.0),
+        async_launch=gpu,
+        noise_rate=raw["noise_rate"],
         layer_overhead=raw["layer_overhead"],
         backward_factor=raw["backward_factor"],
         # GPU elementwise kernels are bandwidth-bound: the copy bandwidth prices them.
@@ -275,27 +334,78 @@ def calibrate(
         # GPUs have their own compute each; CPU processes share the node's cores.
         node_flops=None if gpu else raw["node_flops"],
         node_mem_bw=None if gpu else raw["node_mem_bw"],
+        host_cores=None if gpu else os.cpu_count(),
         source=f"calibrated {stamp} on {platform.node() or 'this machine'}, {world_size} processes, {os.cpu_count()} cores",
     )
     if not gpu:
         backend = backend_elementwise_bw(hw, raw["t_calibration_forward"])
         raw["elementwise_bw"] = backend or raw["elementwise_mix_bw"]
         hw = replace(hw, elementwise_bw=raw["elementwise_bw"])
-    raw["step_overhead"] = backend_step_overhead(hw, raw["t_calibration_decode_step"])
-    return replace(hw, step_overhead=raw["step_overhead"]), raw
+    steps = [raw[f"t_decode_step_l{lay}_b{b}_n{n}"] for lay, b, n in DECODE_GRID]
+    terms = backend_decode_terms(hw, steps)
+    raw.update(terms)
+    return with_decode_terms(hw, terms), raw
 
 
-def backend_step_overhead(hw: HardwareProfile, t_step: float) -> float:
-    """What a measured decode step of the calibration model takes beyond the cost model's layers."""
-    b, n = DECODE_BATCH
+DECODE_TERMS = ("step_overhead", "decode_layer_overhead", "decode_row_time", "decode_key_time")
+"""Profile fields fitted from the generation probes."""
+
+
+def with_decode_terms(hw: HardwareProfile, terms: dict[str, float]) -> HardwareProfile:
+    """``hw`` with the :data:`DECODE_TERMS` given in ``terms`` (the others kept)."""
+    t = {k: terms.get(k, getattr(hw, k)) for k in DECODE_TERMS}
+    return replace(
+        hw,
+        step_overhead=t["step_overhead"],
+        decode_layer_overhead=t["decode_layer_overhead"],
+        decode_row_time=t["decode_row_time"],
+        decode_key_time=t["decode_key_time"],
+    )
+
+
+def _decode_per_step(hw: HardwareProfile, layers: int, rows: int, prompt: int) -> float:
+    """The cost model's seconds per decode step of one :data:`DECODE_GRID` probe."""
+    spec = replace(CALIBRATION_SPEC, num_layers=layers)
+    cluster = Cluster(1, 1, hw)
 
     def predicted(new: int) -> float:
-        call = MFC("calibration", "actor", "generate", (), (), batch_size=b, prompt_len=n, gen_len=new)
-        cluster = Cluster(1, 1, replace(hw, step_overhead=0.0))
-        return call_cost(call, CALIBRATION_SPEC, 1, 1, 1, 1, cluster, _BACKEND).time
+        call = MFC(
+            "calibration", "actor", "generate", (), (), batch_size=rows, prompt_len=prompt, gen_len=new
+        )
+        return call_cost(call, spec, 1, 1, 1, 1, cluster, _BACKEND).time
 
-    per_step = (predicted(1 + DECODE_STEPS) - predicted(1)) / DECODE_STEPS
-    return max(0.0, t_step - per_step)
+    return (predicted(1 + DECODE_STEPS) - predicted(1)) / DECODE_STEPS
+
+
+def backend_decode_terms(hw: HardwareProfile, t_steps: list[float]) -> dict[str, float]:
+    """The decode terms (:data:`DECODE_TERMS`) that make the cost model reproduce the measured
+    seconds per decode step of each :data:`DECODE_GRID` probe, by non-negative least squares.
+
+    The cost model is linear in each term, so its columns are read off the model itself: the
+    per-step time with one term at 1 ms and the others at 0, less the time with all at 0.
+    """
+    base = with_decode_terms(hw, dict.fromkeys(DECODE_TERMS, 0.0))
+    zero = [_decode_per_step(base, *probe) for probe in DECODE_GRID]
+    cols = []
+    for term in DECODE_TERMS:
+        unit = with_decode_terms(base, {term: 1e-3})
+        cols.append([(_decode_per_step(unit, *p) - z) / 1e-3 for p, z in zip(DECODE_GRID, zero, strict=True)])
+    a = np.array(cols).T
+    y = np.array(t_steps) - np.array(zero)
+    return dict(zip(DECODE_TERMS, (float(v) for v in nonnegative_lstsq(a, y)), strict=True))
+
+
+def nonnegative_lstsq(a: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``argmin |a x - y|`` subject to ``x >= 0`` (active set: drop the most negative, refit)."""
+    free = list(range(a.shape[1]))
+    x = np.zeros(a.shape[1])
+    while free:
+        sol = np.linalg.lstsq(a[:, free], y, rcond=None)[0]
+        if (sol >= 0).all():
+            x[free] = sol
+            break
+        free.pop(int(np.argmin(sol)))
+    return x
 
 
 def backend_elementwise_bw(hw: HardwareProfile, t_forward: float) -> float | None:

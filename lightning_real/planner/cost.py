@@ -112,6 +112,8 @@ class _Rates:
     pp: Link
     dt: int
     """Bytes of one working element (the run's precision)."""
+    host: float = 1.0
+    """Slowdown of fixed host work while the node's other devices work (CPU processes)."""
 
 
 def _stage_pass(
@@ -125,10 +127,13 @@ def _stage_pass(
     ctx: np.ndarray | int,
     head_tokens: int,
     flash: bool = True,
+    sample: bool = False,
 ) -> tuple[np.ndarray | float, float]:
     """(compute seconds, tensor-parallel communication seconds) of one forward of one microbatch
-    through one stage. ``ctx`` may be an array of cached lengths (decode steps)."""
+    through one stage. ``ctx`` may be an array of cached lengths (decode steps); ``sample``: the
+    head's tokens are sampled (noise drawn over the full vocabulary)."""
     dt = r.dt
+    hw = r.hw
     h = spec.hidden_size
     w = layer_matmul_weights(spec) / tp
     kv = 2 * spec.num_kv_heads * spec.head_dim / tp
@@ -147,7 +152,13 @@ def _stage_pass(
     work = np.maximum(flops / (r.flops * efficiency), streamed / r.mem_bw) + elementwise / r.ew_bw
     # A GPU launches kernels ahead of the work: the fixed cost shows only when the layer's work is
     # shorter (decode steps); a CPU process does both in turn.
-    layer_t = np.maximum(work, r.hw.layer_overhead) if r.hw.async_launch else work + r.hw.layer_overhead
+    fixed = hw.layer_overhead * r.host
+    layer_t = np.maximum(work, fixed) if hw.async_launch else work + fixed
+    if np.ndim(ctx) > 0:
+        # Decode steps: the cache path's own fixed, per-row and per-cached-key work (calibrated).
+        layer_t = layer_t + r.host * (
+            hw.decode_layer_overhead + mb * (hw.decode_row_time + hw.decode_key_time * np.asarray(ctx))
+        )
     comp = layers * layer_t
     comm = layers * 2 * r.tp.allreduce(mb * seq * h * dt, tp)
     if last and head_tokens:
@@ -156,6 +167,11 @@ def _stage_pass(
         # log-softmax (or the sampling softmax) over the fp32 logits: max, subtract, exp, sum, log, gather
         logits = LOGIT_PASSES * LOGIT_BYTES * mb * head_tokens * width
         comp = comp + max(hflops / r.flops, dt * h * width / r.mem_bw) + logits / r.ew_bw
+        if sample:
+            draws = mb * head_tokens * spec.vocab_size
+            comp = comp + (
+                2 * LOGIT_BYTES * draws / r.ew_bw if hw.noise_rate is None else r.host * draws / hw.noise_rate
+            )
         if spec.head == "lm" and tp > 1:
             # vocab-parallel softmax / sampling: small all-reduces of per-token maxima and sums
             comm += 2 * r.tp.allreduce(mb * head_tokens * LOGIT_BYTES, tp)
@@ -239,7 +255,17 @@ def _timing(
     tpl, dpl, ppl = group_links(cluster, dp, tp, pp)
     dt = features.param_bytes
     flops = hw.flops_when(active) * (hw.fp32_flops_ratio if features.precision == "32-true" else 1.0)
-    r = _Rates(flops, hw.mem_bw_when(active), hw.elementwise_bw_when(active), hw, tpl, dpl, ppl, dt)
+    r = _Rates(
+        flops,
+        hw.mem_bw_when(active),
+        hw.elementwise_bw_when(active),
+        hw,
+        tpl,
+        dpl,
+        ppl,
+        dt,
+        hw.host_slowdown(active),
+    )
     flash = features.flash_attention
     counts = stage_layers(spec.num_layers, pp)
     rep_batch = -(-call.batch_size // dp)
@@ -261,20 +287,21 @@ def _timing(
         comm_dec = 0.0
         for s, layers in enumerate(counts):
             last = s == pp - 1
-            c, t = _stage_pass(spec, r, tp, layers, last, rows, call.prompt_len, 0, 1, flash)
+            c, t = _stage_pass(spec, r, tp, layers, last, rows, call.prompt_len, 0, 1, flash, True)
             pre_stages.append(float(c) + t + (0.0 if last else p2p_pre))
             comp_pre, comm_pre = comp_pre + float(c), comm_pre + t
-            c, t = _stage_pass(spec, r, tp, layers, last, rows, 1, ctx, 1, flash)
+            c, t = _stage_pass(spec, r, tp, layers, last, rows, 1, ctx, 1, flash, True)
             dec_stages.append(np.asarray(c) + t + (0.0 if last else p2p_dec))
             comp_dec, comm_dec = comp_dec + c, comm_dec + t
         prefill = sum(pre_stages)
         dec = np.stack(dec_stages) if dec_stages[0].size else np.zeros((pp, 0))
-        step = dec.sum(axis=0) + hw.step_overhead
+        step_fixed = hw.step_overhead * r.host
+        step = dec.sum(axis=0) + step_fixed
         time = m * (prefill + float(step.sum()))
         busy_s = m * (sum(pre_stages) + float(dec.sum()))
         parts["compute"] = m * (comp_pre + float(comp_dec.sum()))
         parts["tp_comm"] = m * (comm_pre + comm_dec * ctx.size)
-        parts["step_overhead"] = m * hw.step_overhead * ctx.size
+        parts["step_overhead"] = m * step_fixed * ctx.size
     else:
         train = call.call_type == "train"
         passes = call.minibatches if train else 1

@@ -82,6 +82,19 @@ class HardwareProfile:
     matmul_half_tokens: float = 0.0
     """Rows (tokens) at which a matmul reaches half the large-GEMM rate: a pass over ``n`` tokens
     runs at ``n / (n + matmul_half_tokens)`` of it; 0: every matmul at the full rate."""
+    decode_layer_overhead: float = 0.0
+    """Fixed time per layer per decode step on top of ``layer_overhead`` (KV-cache offsets, the
+    decode path's own Python), seconds; 0 for a graph-captured decode loop."""
+    decode_row_time: float = 0.0
+    """Time per sequence per layer per decode step beyond the roofline (cache writes, rotary
+    and masks per row), seconds."""
+    decode_key_time: float = 0.0
+    """Time per cached key per sequence per layer per decode step beyond the roofline (reading
+    and expanding the cache for attention over one query), seconds."""
+    noise_rate: float | None = None
+    """Vocabulary entries per second for which sampling draws its noise (exponential and log;
+    the full vocabulary on every tensor-parallel rank, so the draw does not depend on tp);
+    None: priced as two elementwise passes over the fp32 logits."""
     usable_mem_fraction: float = 0.9
     """Fraction of ``mem_bytes`` a plan may fill (the rest goes to the framework and fragmentation)."""
     node_flops: float | None = None
@@ -89,6 +102,9 @@ class HardwareProfile:
     (GPUs). On a CPU cluster the processes of a node share its cores."""
     node_mem_bw: float | None = None
     """Memory bandwidth shared by all devices of one node, or None when each device has its own."""
+    host_cores: int | None = None
+    """Cores the processes of one node share for their host work, or None when every device's
+    process has a core of its own (GPUs)."""
     source: str = ""
     """Where the numbers come from (data sheet, or the calibration run and its date)."""
 
@@ -129,6 +145,14 @@ class HardwareProfile:
         if self.elementwise_bw is None:
             return self.mem_bw_when(active_in_node)
         return self.elementwise_bw * self.flops_when(active_in_node) / self.flops
+
+    def host_slowdown(self, active_in_node: float) -> float:
+        """How much longer fixed host work (Python, kernel launches) takes while ``active_in_node``
+        processes of its node work: 1 while each has a core of its own (GPUs), else processes
+        over cores (CPU processes time-sharing the node's cores)."""
+        if self.host_cores is None:
+            return 1.0
+        return max(1.0, active_in_node / self.host_cores)
 
     def mem_bw_when(self, active_in_node: float) -> float:
         """Effective memory bandwidth per device while ``active_in_node`` devices of its node work."""
@@ -204,6 +228,7 @@ CPU_GLOO = HardwareProfile(
     step_overhead=3e-3,
     node_flops=130e9,
     node_mem_bw=32e9,
+    host_cores=2,
     source="calibrated 2026-11-23 on a 2-core AMD EPYC VM, 4 gloo processes (rounded)",
 )
 
