@@ -104,6 +104,30 @@ def act_elems_per_token_layer(spec: ModelSpec, tp: int) -> float:
     return 4 * h + (h + 2 * kv + h + mlp) / tp
 
 
+def saved_elems_per_token_layer(spec: ModelSpec, tp: int, seq: int) -> float:
+    """Elements one megatron-core layer of the runtime keeps for backward per token on one tp
+    rank, counted from the tensors autograd saves (``saved_tensors_hooks`` on a forward).
+
+    Each RMSNorm keeps its input, its normalized output and the following linear's input copy
+    (replicated over tp: no sequence parallelism); attention keeps the fused qkv output, the
+    rotated q and k, the core's output and its log-sum-exp; SDPA keeps the attention mask
+    (``[b, 1, s, s]``, materialised in the working dtype for the kernel: ``seq`` per token); a
+    gated MLP keeps its fc1 output, the gate, its activation and their product (5 f-wide
+    tensors; 2 without a gate).
+    """
+    h, f = spec.hidden_size, spec.ffn_hidden_size
+    kv = spec.num_kv_heads * spec.head_dim
+    mlp = 5 * f if spec.gated_mlp else 2 * f
+    attn = (h + 2 * kv) + (h + kv) + h + spec.num_heads
+    return 2 * (3 * h + 1) + seq + (attn + mlp) / tp
+
+
+TRAIN_LOGIT_COPIES = 3
+"""Logit-sized fp32 tensors alive at a train step's peak (the logits, the shifted exponential
+the log-softmax saves, their gradient): the slope of the measured peak against the vocabulary
+(``benchmarks/engine.py --only memory``, vocab 8192 against 16384)."""
+
+
 def call_memory(
     call: MFC, spec: ModelSpec, dp: int, tp: int, pp: int, m: int, features: RuntimeFeatures
 ) -> MemoryBreakdown:
@@ -144,18 +168,19 @@ def call_memory(
                 optim /= dp
             in_flight = min(m, pp - stage)
             seq = call.seq_len
+            saved = saved_elems_per_token_layer(spec, tp, seq) * dtype_bytes
             if features.recompute == "full":
                 # only each layer's input is kept; one layer's activations exist while it is recomputed
                 kept = counts[stage] * seq * spec.hidden_size * dtype_bytes
-                act = in_flight * mb * kept + mb * (seq * act_layer + scores(seq))
+                act = in_flight * mb * kept + mb * (seq * saved + scores(seq))
             elif features.recompute == "selective":
-                # the attention core's output and scores are recomputed, not kept
-                core = spec.hidden_size / tp * dtype_bytes
-                act = in_flight * mb * counts[stage] * seq * (act_layer - core)
+                # the attention core's output, log-sum-exp, mask and scores are recomputed, not kept
+                core = (spec.hidden_size + spec.num_heads) / tp * dtype_bytes + seq * dtype_bytes
+                act = in_flight * mb * counts[stage] * seq * (saved - core)
             else:
-                act = in_flight * mb * counts[stage] * (seq * act_layer + scores(seq))
+                act = in_flight * mb * counts[stage] * (seq * saved + scores(seq))
             if last:
-                logits = 2 * mb * call.seq_len * vocab * LOGIT_BYTES
+                logits = TRAIN_LOGIT_COPIES * mb * call.seq_len * vocab * LOGIT_BYTES
         else:
             seq = call.prompt_len if call.call_type == "generate" else call.seq_len
             # Forward only: one layer's working set at a time.
