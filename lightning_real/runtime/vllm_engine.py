@@ -147,9 +147,10 @@ class VllmEngine:
 
         max_len = self.config.max_model_len or spec.max_position_embeddings
         self._folder = _config_folder(spec, dtype)
-        # vLLM lowers torch's intra-op threads to 1 for serving; the process trains too, so the
-        # count is put back once the engine is up.
-        threads = torch.get_num_threads()
+        # vLLM lowers torch's intra-op threads to 1 for serving, and its CPU worker replaces
+        # torch.set_num_threads with a no-op once it has bound its OpenMP threads; the process
+        # trains too, so the function and the count are put back once the engine is up.
+        threads, set_threads = torch.get_num_threads(), torch.set_num_threads
         start = time.perf_counter()
         try:
             with _scoped_env(VLLM_ENABLE_V1_MULTIPROCESSING="0"):
@@ -166,6 +167,7 @@ class VllmEngine:
                     seed=self.config.seed,
                 )
         finally:
+            torch.set_num_threads = set_threads
             torch.set_num_threads(threads)
         self.start_s = time.perf_counter() - start
         self.max_model_len = max_len

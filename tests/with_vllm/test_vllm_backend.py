@@ -51,6 +51,8 @@ class World:
     groups: LayoutGroups
     canonical: dict[str, torch.Tensor]
     gen: VllmGenerator
+    threads: int
+    """torch's intra-op threads before the engine started."""
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +62,7 @@ def world() -> Iterator[World]:
     groups = GroupRegistry().for_layout(Layout.parse("d1t1p1@0").resolve(1))
     gen = VllmGenerator(config=CONFIG)
     try:
-        yield World(groups, random_canonical(SPEC, seed=11, std=STD), gen)
+        yield World(groups, random_canonical(SPEC, seed=11, std=STD), gen, torch.get_num_threads())
     finally:
         gen.close()  # vLLM's shutdown also destroys the default group
         if dist.is_initialized():
@@ -115,6 +117,11 @@ def test_greedy_equals_native_and_transformers(world: World) -> None:
     # the full-tensor update moved every parameter once, fp32
     n_params = sum(t.numel() for t in world.canonical.values())
     assert world.gen.last_update is not None and world.gen.last_update[0] == 4 * n_params
+    # vLLM lowers torch's threads and disables set_num_threads while it starts: both are back
+    assert torch.get_num_threads() == world.threads
+    torch.set_num_threads(world.threads + 1)
+    assert torch.get_num_threads() == world.threads + 1
+    torch.set_num_threads(world.threads)
 
 
 def test_eos_ends_rows_as_native(world: World) -> None:
