@@ -102,6 +102,14 @@ class VllmGenerator:
         """Load ``shard``'s current weights into the engine (full-tensor path); (bytes, seconds)."""
         engine = self._engine(shard)
         nbytes, seconds = engine.load_weights(full_hf_tensors(shard).items())
+        if self.last_update is None:
+            # Once, where a run's log shows it (Lightning's rank-zero logger): every call updates.
+            from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+            rank_zero_info(
+                f"vLLM weight update: full-tensor path (load by HF names), {nbytes} bytes per replica "
+                "before every generate call (the direct path through the reallocation plan is not built)"
+            )
         self.last_update = (nbytes, seconds)
         log.info(
             "vLLM weight update: full-tensor path (load by HF names), %d bytes in %.3f s", nbytes, seconds

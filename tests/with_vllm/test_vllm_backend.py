@@ -8,6 +8,7 @@ the tests share a one-rank gloo world in this process, built once.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from lightning_real.models.sharding import random_canonical
 from lightning_real.models.spec import tiny_spec
 from lightning_real.models.train import TrainConfig, TrainEngine
 from lightning_real.models.vocab_parallel import vocab_parallel_logprobs
+from lightning_real.modules.calls import generate_call
 from lightning_real.runtime.generation import make_generator
 from lightning_real.runtime.vllm_engine import VllmConfig, VllmUnavailable, check_servable
 from lightning_real.runtime.vllm_generation import VllmGenerator
@@ -122,6 +124,10 @@ def test_greedy_equals_native_and_transformers(world: World) -> None:
     torch.set_num_threads(world.threads + 1)
     assert torch.get_num_threads() == world.threads + 1
     torch.set_num_threads(world.threads)
+    # the generate call of the RLHF modules reports the engine's log-prob gap
+    rows, metrics = generate_call(world.gen, cfg, lambda: 0)(shard, {"prompts": ids, "prompt_mask": mask})
+    assert torch.equal(rows["seq"], native.tokens)
+    assert 0 <= metrics["actor/rollout_logprob_diff"] < ATOL
 
 
 def test_eos_ends_rows_as_native(world: World) -> None:
@@ -157,14 +163,16 @@ def _train_one_step(shard: ModelShard) -> None:
     TrainEngine(shard, loss, TrainConfig(optim=OptimConfig(lr=3e-2))).step(batch)
 
 
-def test_engine_follows_a_training_step(world: World) -> None:
+def test_engine_follows_a_training_step(world: World, caplog: pytest.LogCaptureFixture) -> None:
     ids, mask = _prompts()
     shard = _shard(world)
     cfg = GenerationConfig(max_new_tokens=NEW, greedy=True, pad_token_id=PAD)
     before = world.gen.generate(shard, ids, mask, cfg, row_offset=0)
     _train_one_step(shard)
     native = generate(shard, ids, mask, cfg)
-    after = world.gen.generate(shard, ids, mask, cfg, row_offset=0)
+    with caplog.at_level(logging.INFO, logger="lightning_real.runtime.vllm_generation"):
+        after = world.gen.generate(shard, ids, mask, cfg, row_offset=0)
+    assert "full-tensor path" in caplog.text
     # the step changed what the model says, and the engine says what the trained shard says
     assert not torch.equal(native.tokens, before.tokens)
     for k, v in _fields(native).items():
