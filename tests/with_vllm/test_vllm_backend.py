@@ -203,8 +203,17 @@ def test_sampling_streams_are_per_row(world: World) -> None:
     torch.testing.assert_close(a.response_logprobs[0], ref, atol=ATOL, rtol=0)
 
 
-def test_models_it_cannot_serve_are_refused() -> None:
+def test_models_it_cannot_serve_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     # (the layout refusals need no vLLM: tests/test_vllm_options.py)
+    from vllm.model_executor.models import ModelRegistry
+
+    # every family of ModelSpec is in vLLM 0.32's registry: the check is seen with one taken out
+    archs = set(ModelRegistry.get_supported_archs())
+    assert {"LlamaForCausalLM", "Qwen2ForCausalLM", "GPT2LMHeadModel"} <= archs
+    monkeypatch.setattr(ModelRegistry, "get_supported_archs", lambda: archs - {"Qwen2ForCausalLM"})
+    with pytest.raises(VllmUnavailable, match=r"no model Qwen2ForCausalLM \(family 'qwen2'\)"):
+        check_servable(tiny_spec("qwen2", hidden_size=128), torch.device("cpu"))
+    monkeypatch.undo()
     with pytest.raises(VllmUnavailable, match=r"head size 16"):
         check_servable(tiny_spec("llama"), torch.device("cpu"))
     with pytest.raises(VllmUnavailable, match=r"'value' head"):
