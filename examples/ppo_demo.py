@@ -8,8 +8,12 @@
 3. prints the mean reward of the first and the last 10 iterations and writes ``reward_kl.png``
    (reward and KL per step) and a Chrome trace of the last iteration (open it in Perfetto).
 
+``--generation-backend vllm`` generates with vLLM (in ``.venv-vllm``, ``docs/rollout.md``): the
+actor is 128 wide (vLLM's CPU attention needs a head size of 32 or more) and generates under
+``d4t1p1``, one engine per rank.
+
 Run: ``.venv/bin/python examples/ppo_demo.py [--steps 40] [--plan ...] [--precision bf16-mixed] [--wandb]
-[--out runs/ppo_demo]``
+[--out runs/ppo_demo] [--generation-backend native|vllm]``
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning_real.algorithms.ppo import PPOConfig
 from lightning_real.data.modules import PromptDataModule
 from lightning_real.data.task import asset
+from lightning_real.features import RuntimeFeatures
 from lightning_real.models.generate import GenerationConfig
 from lightning_real.models.hf import save_tiny_hf
 from lightning_real.models.optim import OptimConfig
@@ -75,9 +80,18 @@ def main() -> None:
     ap.add_argument(
         "--wandb", action="store_true", help="log to W&B (offline unless WANDB_MODE says otherwise)"
     )
+    ap.add_argument(
+        "--generation-backend",
+        default="native",
+        choices=("native", "vllm"),
+        help="engine of the actor's generate call (default native)",
+    )
     args = ap.parse_args()
     out = Path(args.out)
-    spec = tiny_spec("llama")
+    vllm = args.generation_backend == "vllm"
+    # vLLM's CPU attention has no kernel for head size 16 (tiny_spec's 64 / 4 heads).
+    spec = tiny_spec("llama", hidden_size=128) if vllm else tiny_spec("llama")
+    plan = args.plan or ({**PLAN, "actor_gen": "d4t1p1"} if vllm else PLAN)
     actor = out / "init" / "actor"
     # The launcher re-runs this script for ranks 1-3 once the first process is in fit: they find
     # the checkpoint it wrote (the same seed gives the same weights) instead of rewriting it.
@@ -91,7 +105,11 @@ def main() -> None:
     )
     start = time.time()
     trainer = Trainer(
-        strategy=RealStrategy(plan=args.plan or PLAN, trace_dir=str(out / "traces")),
+        strategy=RealStrategy(
+            plan=plan,
+            trace_dir=str(out / "traces"),
+            features=RuntimeFeatures(precision=args.precision, generation_backend="vllm") if vllm else None,
+        ),
         accelerator="auto",
         devices=4,
         precision=args.precision,

@@ -105,7 +105,9 @@ def generate_call(
         out_rows = {out_prefix + k: v for k, v in rows.items()}
         if keys is not None:
             out_rows = {k: out_rows[k] for k in keys}
-        return out_rows, {}
+        # An engine with log-probs of its own (vLLM) says how far they are from the shard's.
+        gap = getattr(generator, "last_logprob_diff", None)
+        return out_rows, ({} if gap is None else {"actor/rollout_logprob_diff": float(gap)})
 
     return fn
 

@@ -104,7 +104,7 @@ class RuntimeContext:
 
 
 RUNNABLE: dict[str, tuple[object, ...]] = {
-    "generation_backend": ("native",),
+    "generation_backend": ("native", "vllm"),
     "offload_idle": (False,),
 }
 """Feature values this runtime builds, where it builds fewer than the declaration allows."""
@@ -189,9 +189,12 @@ def build_runtime(
     for c in graph.calls:
         if c.call_type == "generate":
             rounds = plan.n_mbs(graph, c.name)
-            ctx.generators[c.name] = make_generator(
-                config.features.for_role(c.role).generation_backend, rounds
-            )
+            backend = config.features.for_role(c.role).generation_backend
+            if backend == "vllm":
+                from lightning_real.runtime.vllm_generation import check_vllm_layout
+
+                check_vllm_layout(plan.layouts[c.name], registry.world_size, c.name)
+            ctx.generators[c.name] = make_generator(backend, rounds)
     missing = [r for r in homes if r not in ctx.pool.models and r in trained]
     if missing:
         raise ValueError(f"the graph trains roles {missing} that the module does not declare")

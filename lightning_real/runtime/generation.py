@@ -1,7 +1,8 @@
 """The engine a generate call samples with, as the runtime builds it for the run's features.
 
 ``native`` is this package's generator (:func:`lightning_real.models.generate.generate`): any
-tensor/pipeline split, per-row seeded streams, the same tokens under any layout.
+tensor/pipeline split, per-row seeded streams, the same tokens under any layout. ``vllm`` is an
+in-process vLLM engine per data-parallel replica (:mod:`lightning_real.runtime.vllm_generation`).
 
 A generate call's microbatches are *rounds*: the replica's rows are generated in that many
 consecutive groups, each with a KV cache of its own rows only, so a batch whose cache would not
@@ -78,4 +79,9 @@ def make_generator(backend: str, rounds: int = 1) -> Generator:
     """The engine of ``backend`` (``RuntimeFeatures.generation_backend``) in ``rounds`` rounds."""
     if backend == "native":
         return NativeGenerator(rounds)
-    raise ValueError(f"generation_backend={backend!r}; allowed: native")
+    if backend == "vllm":
+        # Imported here: vLLM is an optional extra, and only this backend needs it.
+        from lightning_real.runtime.vllm_generation import VllmGenerator
+
+        return VllmGenerator(rounds)
+    raise ValueError(f"generation_backend={backend!r}; allowed: native, vllm")
