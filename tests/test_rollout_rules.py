@@ -26,6 +26,7 @@ class ScriptedGenerator:
     """Answers row ``r`` (global index ``row_offset + i``) with ``answers[r]``, then EOS."""
 
     backend = "scripted"
+    last_logprob_diff = None
 
     def __init__(self, answers: dict[int, str]) -> None:
         self.answers = answers

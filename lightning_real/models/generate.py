@@ -137,10 +137,11 @@ def _replica_seed(shard: ModelShard, seed: int | None, device: torch.device, per
         seed = int(t.item())
     if per_row:
         return seed % (2**63)
-    return _mix(seed, g.dp_rank)
+    return mix_seed(seed, g.dp_rank)
 
 
-def _mix(seed: int, index: int) -> int:
+def mix_seed(seed: int, index: int) -> int:
+    """The sampling seed of stream ``index`` (a replica or a global row) under ``seed``."""
     # Odd 64-bit multiplier: distinct (seed, index) pairs give distinct streams.
     return (seed * 0x9E3779B97F4A7C15 + index) % (2**63)
 
@@ -172,7 +173,7 @@ class VocabParallelSampler:
         self.row_gens = (
             None
             if rows is None
-            else [torch.Generator(device=device).manual_seed(_mix(seed, r)) for r in range(*rows)]
+            else [torch.Generator(device=device).manual_seed(mix_seed(seed, r)) for r in range(*rows)]
         )
 
     def _noise(self, b: int, device: torch.device) -> torch.Tensor:

@@ -106,7 +106,7 @@ def generate_call(
         if keys is not None:
             out_rows = {k: out_rows[k] for k in keys}
         # An engine with log-probs of its own (vLLM) says how far they are from the shard's.
-        gap = getattr(generator, "last_logprob_diff", None)
+        gap = generator.last_logprob_diff
         return out_rows, ({} if gap is None else {"actor/rollout_logprob_diff": float(gap)})
 
     return fn

@@ -101,8 +101,10 @@ def _timed(fn: Any, reps: int, block_s: float = 0.1) -> float:
     return best
 
 
-def _matmul_work(dev: torch.device) -> tuple[Any, float]:
-    m, k, n = MM_SHAPE
+def _matmul_work(dev: torch.device, rows: int = MM_SHAPE[0]) -> tuple[Any, float]:
+    """The probe product over ``rows`` rows, and its FLOPs."""
+    _, k, n = MM_SHAPE
+    m = rows
     a = torch.randn(m, k, device=dev)
     b = torch.randn(k, n, device=dev)
     return (lambda: a @ b), 2.0 * m * k * n
@@ -247,11 +249,8 @@ def _small_matmul_rate(rank: int, reps: int) -> float:
     """FLOP/s of the probe matmul over :data:`SMALL_MM_ROWS` rows, on rank 0 (0 elsewhere)."""
     if rank != 0:
         return 0.0
-    _, k, n = MM_SHAPE
-    dev = device()
-    a = torch.randn(SMALL_MM_ROWS, k, device=dev)
-    b = torch.randn(k, n, device=dev)
-    return 2.0 * SMALL_MM_ROWS * k * n / _timed(lambda: a @ b, reps)
+    fn, flops = _matmul_work(device(), SMALL_MM_ROWS)
+    return flops / _timed(fn, reps)
 
 
 def _noise_rate(rank: int, reps: int) -> float:

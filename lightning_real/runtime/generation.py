@@ -25,6 +25,10 @@ class Generator(Protocol):
 
     backend: str
     """The engine's name ('native', 'vllm')."""
+    last_logprob_diff: float | None
+    """Mean absolute gap between the engine's own log-probs and the shard's for the latest
+    call's response tokens; None where the engine has none of its own (native) or they were not
+    comparable."""
 
     def generate(
         self,
@@ -47,6 +51,8 @@ class NativeGenerator:
         if not isinstance(rounds, int) or rounds < 1:
             raise ValueError(f"NativeGenerator rounds={rounds!r}; allowed: an integer >= 1")
         self.rounds = rounds
+        # its log-probs are the shard's own: there is no gap to report
+        self.last_logprob_diff: float | None = None
 
     def generate(
         self,

@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from lightning_real.layout import Layout
 from lightning_real.models.forward import forward_logprobs
-from lightning_real.models.generate import GenerationConfig, GenerationOutput
+from lightning_real.models.generate import GenerationConfig, GenerationOutput, mix_seed
 from lightning_real.models.hf_convert import canonical_to_hf
 from lightning_real.models.shard import ModelShard
 from lightning_real.runtime.vllm_engine import VllmConfig, VllmEngine, VllmUnavailable, import_vllm
@@ -63,12 +63,6 @@ def full_hf_tensors(shard: ModelShard) -> dict[str, torch.Tensor]:
     for ps, p in shard.params():
         canonical.setdefault(ps.key, ps.from_locals([p.detach()]))
     return canonical_to_hf(shard.spec, canonical)
-
-
-def row_seed(seed: int, row: int) -> int:
-    """A row's vLLM sampling seed from the step's seed and the row's global index."""
-    # Odd 64-bit multiplier: distinct (seed, row) pairs give distinct streams.
-    return (seed * 0x9E3779B97F4A7C15 + row) % (2**63)
 
 
 class VllmGenerator:
@@ -143,7 +137,9 @@ class VllmGenerator:
         row_offset: int | None,
     ) -> GenerationOutput:
         if shard.module is None:
-            raise RuntimeError(f"rank {shard.groups.rank} is not in layout {shard.layout}; it cannot generate")
+            raise RuntimeError(
+                f"rank {shard.groups.rank} is not in layout {shard.layout}; it cannot generate"
+            )
         world = dist.get_world_size() if dist.is_initialized() else 1
         check_vllm_layout(shard.layout, world, "generate")
         self.update_weights(shard)
@@ -157,7 +153,7 @@ class VllmGenerator:
         mask = prompt_mask.bool().cpu()
         ids = prompts.cpu()
         rows = [ids[i][mask[i]].tolist() for i in range(b)]
-        params = [self.sampling_params(config, row_seed(base, first + i)) for i in range(b)]
+        params = [self.sampling_params(config, mix_seed(base, first + i)) for i in range(b)]
         outs = engine.generate(rows, params[0] if config.greedy else params)
         return self._assemble(shard, prompts, prompt_mask, config, outs)
 
