@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from lightning_real.dataflow import MFC
@@ -20,7 +22,7 @@ def test_calibration_measures_this_machine() -> None:
     assert 1e8 < hw.mem_bw < 1e14
     assert 1e5 < hw.intra_bw < 1e13 and 0 < hw.intra_latency < 0.1
     assert 0 < hw.layer_overhead < 0.05
-    assert 1.0 <= hw.backward_factor < 8
+    assert 0.5 <= hw.backward_factor < 10
     # the shape and decode probes: small matmuls no faster than large ones, a sampling-noise rate,
     # decode terms fitted non-negative
     assert hw.matmul_half_tokens >= 0 and hw.noise_rate is not None and 1e5 < hw.noise_rate < 1e13
@@ -30,6 +32,21 @@ def test_calibration_measures_this_machine() -> None:
         assert hw.node_flops > 0.8 * hw.flops
     # the numbers the profile was built from are the raw measurements
     assert hw.peak_flops == raw["flops"] and hw.intra_latency == raw["latency"]
+    # the runtime's own calibration calls are reproduced by the profile (on CPUs the elementwise
+    # rate and the backward factor are solved from them; 1e-6: float round-off of the solve)
+    from lightning_real.planner.calibrate import CALIBRATION_BATCH, CALIBRATION_SPEC, WIDE_VOCAB
+
+    b, seq = CALIBRATION_BATCH
+    solved = [("train", "t_calibration_train", CALIBRATION_SPEC)]
+    if hw.elementwise_bw is not None and hw.node_flops is not None:
+        solved.append(("inference", "t_calibration_forward", CALIBRATION_SPEC))
+        if hw.logit_pass_factor != 1.0:  # both rates solved (else one rate, fitted to the first)
+            wide = replace(CALIBRATION_SPEC, vocab_size=WIDE_VOCAB)
+            solved.append(("inference", "t_calibration_forward_wide", wide))
+    for kind, key, spec in solved:
+        cal = MFC("c", "actor", kind, (), (), batch_size=b, prompt_len=seq, gen_len=0)  # type: ignore[arg-type]
+        t = call_cost(cal, spec, 1, 1, 1, 1, Cluster(1, 1, hw), REFERENCE).time
+        assert t == pytest.approx(raw[key], rel=1e-6), key
     # a calibrated profile prices calls like the built-in ones
     call = MFC("i", "actor", "inference", (), (), batch_size=4, prompt_len=32, gen_len=0)
     assert call_cost(call, tiny_spec("llama"), 1, 1, 1, 1, Cluster(1, 2, hw), REFERENCE).time > 0
@@ -67,3 +84,33 @@ def test_nonnegative_least_squares() -> None:
     x = nonnegative_lstsq(a, np.array([2.0, -1.0, 1.0]))
     assert x[1] == 0.0 and x[0] == pytest.approx(1.5)
     assert nonnegative_lstsq(a, np.array([1.0, 2.0, 3.0])) == pytest.approx([1.0, 2.0])
+
+
+def test_elementwise_rate_and_logit_factor_are_recovered_from_two_forwards() -> None:
+    from lightning_real.planner.calibrate import (
+        CALIBRATION_BATCH,
+        CALIBRATION_SPEC,
+        WIDE_VOCAB,
+        backend_backward_factor,
+        backend_elementwise_rates,
+    )
+    from lightning_real.planner.hardware import get_profile
+
+    base = get_profile("cpu-gloo")
+    truth = replace(base, elementwise_bw=3.0e9, logit_pass_factor=2.5, backward_factor=1.7)
+    b, seq = CALIBRATION_BATCH
+
+    def t(kind: str, spec: object) -> float:
+        call = MFC("c", "actor", kind, (), (), batch_size=b, prompt_len=seq, gen_len=0)  # type: ignore[arg-type]
+        return call_cost(call, spec, 1, 1, 1, 1, Cluster(1, 1, truth), REFERENCE).time  # type: ignore[arg-type]
+
+    wide = replace(CALIBRATION_SPEC, vocab_size=WIDE_VOCAB)
+    start = replace(base, elementwise_bw=1e9, logit_pass_factor=1.0)
+    got = backend_elementwise_rates(start, t("inference", CALIBRATION_SPEC), t("inference", wide))
+    assert got is not None
+    # exact linear solve: float round-off only
+    assert got == pytest.approx((3.0e9, 2.5), rel=1e-9)
+    fitted = replace(start, elementwise_bw=got[0], logit_pass_factor=got[1])
+    assert backend_backward_factor(fitted, t("train", CALIBRATION_SPEC)) == pytest.approx(1.7, rel=1e-9)
+    # times no model of this form can give (the wide call faster than the narrow one): refused
+    assert backend_elementwise_rates(start, 1.0, 0.5) is None

@@ -10,11 +10,13 @@
   a cross-check and a fallback);
 * all-reduce latency (4 KB) and bus bandwidth (16 MB) over all processes;
 * from the megatron-core backend itself: the fixed cost per transformer layer (forward of 1 and
-  of 5 tiny layers on one token, divided by the 4 extra layers), backward over forward time,
-  and the forward time of a small calibration model (3 layers, 192 wide, 8 x 256 tokens, with
-  log-softmax), from which the elementwise throughput the cost model needs to reproduce it is
-  solved (:func:`backend_elementwise_bw`; on CPUs, where these passes are far from the copy
-  bandwidth);
+  of 5 tiny layers on one token, divided by the 4 extra layers), and the runtime's own calls on
+  a small calibration model (3 layers, 192 wide, 8 x 256 tokens): its inference call
+  (``forward_logprobs``) at its vocabulary and at a four times wider one, from which the
+  elementwise throughput and the cost of the head's log-softmax that the cost model needs to
+  reproduce both are solved (:func:`backend_elementwise_rates`; on CPUs, where these passes are
+  far from the copy bandwidth), and one train step (``TrainEngine.step``), from which the backward
+  factor is solved the same way (:func:`backend_backward_factor`);
 * matmuls by shape: the same product over 16 rows, whose rate against the 2048-row one gives
   the small-matmul efficiency (``matmul_half_tokens``);
 * decode steps by layers, batch and context: the time per decode step of the backend's own
@@ -34,6 +36,7 @@ import itertools
 import math
 import os
 import platform
+import statistics
 import time
 from dataclasses import replace
 from typing import Any
@@ -46,7 +49,7 @@ from lightning_real.compat import device
 from lightning_real.dataflow import MFC
 from lightning_real.features import REFERENCE
 from lightning_real.models.shard import ModelShard
-from lightning_real.models.spec import tiny_spec
+from lightning_real.models.spec import ModelSpec, tiny_spec
 from lightning_real.planner.cost import call_cost
 from lightning_real.planner.hardware import Cluster, HardwareProfile
 
@@ -54,6 +57,8 @@ MM_SHAPE = (2048, 256, 1024)
 CALIBRATION_SPEC = tiny_spec("llama", num_layers=3, hidden_size=192, ffn_hidden_size=512, vocab_size=2048)
 """A small model unlike the ones the planner is usually checked on (head width 48, GQA 2:1)."""
 CALIBRATION_BATCH = (8, 256)
+WIDE_VOCAB = 8192
+"""Vocabulary of the second inference probe: the same layers, four times the head's work."""
 DECODE_STEPS = 16
 """Decode steps per generation probe (after the prefill's token)."""
 DECODE_GRID: tuple[tuple[int, int, int], ...] = tuple(
@@ -78,16 +83,18 @@ def _sync() -> None:
 
 
 def _timed(fn: Any, reps: int, block_s: float = 0.1) -> float:
-    """Seconds per ``fn()`` in the fastest of ``reps`` blocks of at least ``block_s`` each.
+    """Seconds per ``fn()`` in the median of ``reps`` blocks of at least ``block_s`` each.
 
-    The best block is the machine's speed: other work on a shared machine only slows runs down.
-    Blocks, rather than single runs, keep the number sustained (calls last far longer than one
-    matmul) and take in a warm-up. ``block_s=0`` times single runs after one warm-up run, with
-    the same number of runs on every rank (for collectives).
+    The median block is the machine's sustained speed: the fastest block of a short probe catches
+    bursts (a quiet moment of a shared host, a clock boost) that calls lasting seconds do not see,
+    and it moved the profile by 25% between two runs on the same idle machine; the median moved
+    it by a few percent. Blocks, rather than single runs, keep the number sustained and take in a
+    warm-up. ``block_s=0`` times single runs after one warm-up run, with the same number of runs
+    on every rank (for collectives).
     """
     fn()
     _sync()
-    best = float("inf")
+    per_run = []
     for _ in range(reps):
         n, t0 = 0, time.perf_counter()
         while True:
@@ -97,8 +104,8 @@ def _timed(fn: Any, reps: int, block_s: float = 0.1) -> float:
             elapsed = time.perf_counter() - t0
             if elapsed >= block_s:
                 break
-        best = min(best, elapsed / n)
-    return best
+        per_run.append(elapsed / n)
+    return statistics.median(per_run)
 
 
 def _matmul_work(dev: torch.device, rows: int = MM_SHAPE[0]) -> tuple[Any, float]:
@@ -170,53 +177,60 @@ def _allreduce_time(nbytes: int, dev: torch.device, reps: int) -> float:
     return float(t[0])
 
 
-def _backend(rank: int, world: int, reps: int) -> tuple[float, float, float, list[float]]:
-    """(seconds per extra tiny layer, backward over forward time, seconds of an inference forward,
-    seconds per decode step of each :data:`DECODE_GRID` probe) of the megatron-core backend,
-    measured on rank 0: forward of 1 and 5 tiny layers on one token; forward with log-softmax,
-    forward with backward, and generation of the calibration model."""
+def _backend(rank: int, world: int, reps: int) -> tuple[float, float, tuple[float, float], list[float]]:
+    """(seconds per extra tiny layer, seconds of a train step, seconds of an inference call at the
+    calibration model's vocabulary and at :data:`WIDE_VOCAB`, seconds per decode step of each
+    :data:`DECODE_GRID` probe) of the megatron-core backend,
+    measured on rank 0: forward of 1 and 5 tiny layers on one token; and the runtime's own calls
+    on the calibration model: log-probs of every token (``forward_logprobs``), one train step
+    (``TrainEngine.step``: forward, backward, clipping, AdamW) and generation."""
     from lightning_real.distributed.groups import GroupRegistry
     from lightning_real.layout import Layout
     from lightning_real.models.build import build_gpt
+    from lightning_real.models.forward import forward_logprobs
+    from lightning_real.models.train import INPUT_IDS, TrainConfig, TrainEngine
+    from lightning_real.models.vocab_parallel import vocab_parallel_logprobs
 
     reg = GroupRegistry()
     groups = reg.for_layout(Layout(1, 1, 1, (0,)))
-    out = torch.zeros(3 + len(DECODE_GRID), dtype=torch.float64)
+    out = torch.zeros(4 + len(DECODE_GRID), dtype=torch.float64)
     if rank == 0:
         dev = device()
-
-        def inputs(b: int, s: int) -> tuple[torch.Tensor, ...]:
-            mask = torch.triu(torch.ones(s, s, dtype=torch.bool, device=dev), 1).view(1, 1, s, s)
-            pos = torch.arange(s, device=dev).expand(b, s)
-            return torch.zeros(b, s, dtype=torch.long, device=dev), pos, mask
-
+        one = (
+            torch.zeros(1, 1, dtype=torch.long, device=dev),
+            torch.zeros(1, 1, dtype=torch.long, device=dev),
+            torch.zeros(1, 1, 1, 1, dtype=torch.bool, device=dev),
+        )
         times = []
-        one = inputs(1, 1)
         for layers in (1, 5):
             spec = tiny_spec("llama", num_layers=layers, hidden_size=64, ffn_hidden_size=128, vocab_size=64)
             model = build_gpt(spec, groups, seed=0).eval()
             with torch.no_grad():
                 times.append(_timed(lambda m=model: m(*one), reps))
         out[0] = max(0.0, (times[1] - times[0]) / 4)
-        model = build_gpt(CALIBRATION_SPEC, groups, seed=0)
+        # The calls themselves rather than the bare model: the runtime's log-prob path (masks,
+        # positions, fp32 vocab-parallel log-softmax) took a quarter longer than model + log_softmax.
+        shard = ModelShard.build(CALIBRATION_SPEC, groups, seed=0)
         b, seq = CALIBRATION_BATCH
-        args = inputs(b, seq)
-
-        def forward() -> torch.Tensor:
-            # logits and their log-softmax, as inference and training calls take them
-            logits = model(*args).float()
-            return torch.log_softmax(logits, dim=-1).gather(-1, args[0].unsqueeze(-1)).sum()
-
-        with torch.no_grad():
-            out[2] = _timed(forward, reps)
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(1, CALIBRATION_SPEC.vocab_size, (b, seq), generator=gen).to(dev)
+        ones = torch.ones_like(ids)
+        out[2] = _timed(lambda: forward_logprobs(shard, ids, ones), reps)
+        wide = ModelShard.build(replace(CALIBRATION_SPEC, vocab_size=WIDE_VOCAB), groups, seed=0)
+        out[3] = _timed(lambda: forward_logprobs(wide, ids, ones), reps)
+        del wide
         for i, (layers, rows, prompt) in enumerate(DECODE_GRID):
             spec = replace(CALIBRATION_SPEC, num_layers=layers)
-            out[3 + i] = _decode_step(ModelShard.build(spec, groups, seed=0), rows, prompt, max(5, reps // 2))
-        t_f = _timed(forward, reps)
-        t_fb = _timed(lambda: forward().backward(), reps)
-        out[1] = max(1.0, (t_fb - t_f) / t_f)
+            out[4 + i] = _decode_step(ModelShard.build(spec, groups, seed=0), rows, prompt, max(5, reps // 2))
+
+        def loss_fn(output: torch.Tensor, mb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+            lp = vocab_parallel_logprobs(output[:, :-1], mb[INPUT_IDS][:, 1:], groups.tp)
+            return -lp.sum(), {}
+
+        engine = TrainEngine(shard, loss_fn, TrainConfig(n_mbs=1, norm_key=None))
+        out[1] = _timed(lambda: engine.step({INPUT_IDS: ids}), max(5, reps // 2))
     dist.all_reduce(out)
-    return float(out[0]), float(out[1]), float(out[2]), [float(x) for x in out[3:]]
+    return float(out[0]), float(out[1]), (float(out[2]), float(out[3])), [float(x) for x in out[4:]]
 
 
 def _decode_step(shard: Any, b: int, n: int, reps: int) -> float:
@@ -227,22 +241,22 @@ def _decode_step(shard: Any, b: int, n: int, reps: int) -> float:
     mask = torch.ones_like(ids)
     cfg = GenerationConfig(max_new_tokens=1 + DECODE_STEPS, seed=0)
     # A decode step is the time from one forward's start to the next (forward, sampling, the
-    # loop's bookkeeping); the median step of a run resists bursts of other work, the best run
-    # is the machine's speed.
+    # loop's bookkeeping); the median step of a run resists bursts of other work, the median
+    # run is the machine's sustained speed (as in _timed); the first run warms up.
     starts: list[float] = []
     assert shard.module is not None
     hook = shard.module.register_forward_pre_hook(lambda *_: starts.append(time.perf_counter()))
-    best = float("inf")
+    per_run = []
     try:
-        for _ in range(reps + 1):
+        for i in range(reps + 1):
             starts.clear()
             generate(shard, ids, mask, cfg)
             _sync()
-            steps = sorted(t1 - t0 for t0, t1 in itertools.pairwise(starts[1:]))
-            best = min(best, steps[len(steps) // 2])
+            if i:
+                per_run.append(statistics.median(t1 - t0 for t0, t1 in itertools.pairwise(starts[1:])))
     finally:
         hook.remove()
-    return best
+    return statistics.median(per_run)
 
 
 def _small_matmul_rate(rank: int, reps: int) -> float:
@@ -276,7 +290,7 @@ def _probe(rank: int, world: int, reps: int) -> dict[str, float]:
     latency = t_small / steps
     factor = 2 * (world - 1) / world if world > 1 else 1.0
     link_bw = factor * BIG_BYTES / max(1e-9, t_big - steps * latency)
-    overhead, bwd, t_fwd, t_steps = _backend(rank, world, reps)
+    overhead, t_train, (t_fwd, t_wide), t_steps = _backend(rank, world, reps)
     return dict(
         small_matmul_flops=float(rates[0]),
         noise_rate=float(rates[1]),
@@ -288,9 +302,10 @@ def _probe(rank: int, world: int, reps: int) -> dict[str, float]:
         latency=latency,
         link_bw=link_bw,
         layer_overhead=overhead,
-        backward_factor=bwd,
+        t_calibration_train=t_train,
         elementwise_mix_bw=ew,
         t_calibration_forward=t_fwd,
+        t_calibration_forward_wide=t_wide,
         t_small=t_small,
         t_big=t_big,
     )
@@ -327,7 +342,6 @@ def calibrate(
         async_launch=gpu,
         noise_rate=raw["noise_rate"],
         layer_overhead=raw["layer_overhead"],
-        backward_factor=raw["backward_factor"],
         # GPU elementwise kernels are bandwidth-bound: the copy bandwidth prices them.
         elementwise_bw=None if gpu else raw["elementwise_mix_bw"],
         # GPUs have their own compute each; CPU processes share the node's cores.
@@ -337,9 +351,14 @@ def calibrate(
         source=f"calibrated {stamp} on {platform.node() or 'this machine'}, {world_size} processes, {os.cpu_count()} cores",
     )
     if not gpu:
-        backend = backend_elementwise_bw(hw, raw["t_calibration_forward"])
-        raw["elementwise_bw"] = backend or raw["elementwise_mix_bw"]
-        hw = replace(hw, elementwise_bw=raw["elementwise_bw"])
+        solved = backend_elementwise_rates(hw, raw["t_calibration_forward"], raw["t_calibration_forward_wide"])
+        if solved is None:
+            backend = backend_elementwise_bw(hw, raw["t_calibration_forward"])
+            solved = (backend or raw["elementwise_mix_bw"], 1.0)
+        raw["elementwise_bw"], raw["logit_pass_factor"] = solved
+        hw = replace(hw, elementwise_bw=solved[0], logit_pass_factor=solved[1])
+    raw["backward_factor"] = backend_backward_factor(hw, raw["t_calibration_train"]) or hw.backward_factor
+    hw = replace(hw, backward_factor=raw["backward_factor"])
     steps = [raw[f"t_decode_step_l{lay}_b{b}_n{n}"] for lay, b, n in DECODE_GRID]
     terms = backend_decode_terms(hw, steps)
     raw.update(terms)
@@ -428,3 +447,56 @@ def backend_elementwise_bw(hw: HardwareProfile, t_forward: float) -> float | Non
     if t_forward <= fixed or counted <= 0:
         return None
     return counted / (t_forward - fixed)
+
+
+def backend_backward_factor(hw: HardwareProfile, t_train: float) -> float | None:
+    """Backward over forward work at which the cost model reproduces the backend's measured train
+    step of the calibration model (forward, backward, clipping, AdamW, one microbatch).
+
+    The cost model's train time is linear in the factor (``T(f) = T(0) + f * (T(1) - T(0))``), so
+    it is solved directly; this folds the train path's own work (the loss, the fp32 log-softmax
+    backward, the schedule) into the factor. None when the forward alone already takes longer.
+    """
+    b, seq = CALIBRATION_BATCH
+    call = MFC("calibration", "actor", "train", (), (), batch_size=b, prompt_len=seq, gen_len=0)
+
+    def predicted(f: float) -> float:
+        cluster = Cluster(1, 1, replace(hw, backward_factor=f))
+        return call_cost(call, CALIBRATION_SPEC, 1, 1, 1, 1, cluster, _BACKEND).time
+
+    zero, per = predicted(0.0), predicted(1.0) - predicted(0.0)
+    if t_train <= zero or per <= 0:
+        return None
+    return (t_train - zero) / per
+
+
+def backend_elementwise_rates(hw: HardwareProfile, t_forward: float, t_wide: float) -> tuple[float, float] | None:
+    """(``elementwise_bw``, ``logit_pass_factor``) at which the cost model reproduces both measured
+    inference calls: the calibration model's and the same layers under :data:`WIDE_VOCAB`.
+
+    Each call costs ``A + (layers + f * head) / E`` (``A``: matmuls and overheads; ``layers`` and
+    ``head``: the counted elementwise bytes of the layers and of the log-softmax); the two calls
+    give two linear equations in ``1 / E`` and ``f / E``. None when the solution is not positive
+    (the probes too noisy to separate the two), so a single rate is fitted instead.
+    """
+    b, seq = CALIBRATION_BATCH
+    call = MFC("calibration", "actor", "inference", (), (), batch_size=b, prompt_len=seq, gen_len=0)
+    rows, rhs = [], []
+    for spec, t in ((CALIBRATION_SPEC, t_forward), (replace(CALIBRATION_SPEC, vocab_size=WIDE_VOCAB), t_wide)):
+
+        def predicted(e: float, f: float, spec: ModelSpec = spec) -> float:
+            cluster = Cluster(1, 1, replace(hw, elementwise_bw=e, logit_pass_factor=f))
+            return call_cost(call, spec, 1, 1, 1, 1, cluster, _BACKEND).time
+
+        fixed = predicted(1e30, 1.0)
+        layers = predicted(1.0, 0.0) - fixed
+        head = predicted(1.0, 1.0) - predicted(1.0, 0.0)
+        rows.append([layers, head])
+        rhs.append(t - fixed)
+    try:
+        inv_e, f_over_e = np.linalg.solve(np.array(rows), np.array(rhs))
+    except np.linalg.LinAlgError:
+        return None
+    if inv_e <= 0 or f_over_e <= 0:
+        return None
+    return float(1.0 / inv_e), float(f_over_e / inv_e)

@@ -165,7 +165,7 @@ def _stage_pass(
         width = head_width(spec) / (tp if spec.head == "lm" else 1)
         hflops = 2 * mb * head_tokens * h * width
         # log-softmax (or the sampling softmax) over the fp32 logits: max, subtract, exp, sum, log, gather
-        logits = LOGIT_PASSES * LOGIT_BYTES * mb * head_tokens * width
+        logits = hw.logit_pass_factor * LOGIT_PASSES * LOGIT_BYTES * mb * head_tokens * width
         comp = comp + max(hflops / r.flops, dt * h * width / r.mem_bw) + logits / r.ew_bw
         if sample:
             draws = mb * head_tokens * spec.vocab_size

@@ -69,6 +69,10 @@ class HardwareProfile:
     """Bytes/s of elementwise passes (norms, activations, softmax), counting each operation's
     nominal reads and writes; None: the memory bandwidth (GPU kernels of this kind are
     bandwidth-bound; on a CPU transcendentals make them compute-bound and slower)."""
+    logit_pass_factor: float = 1.0
+    """Time of the head's log-softmax (or sampling softmax) over the fp32 logits as a multiple of
+    its nominal passes at ``elementwise_bw``; 1: the nominal count. Calibrated on CPUs from two
+    inference calls that differ only in the vocabulary."""
     backward_factor: float = 2.0
     """Backward compute time over forward compute time (2: input and weight gradients each cost
     a forward's matmuls)."""
