@@ -351,7 +351,9 @@ def calibrate(
         source=f"calibrated {stamp} on {platform.node() or 'this machine'}, {world_size} processes, {os.cpu_count()} cores",
     )
     if not gpu:
-        solved = backend_elementwise_rates(hw, raw["t_calibration_forward"], raw["t_calibration_forward_wide"])
+        solved = backend_elementwise_rates(
+            hw, raw["t_calibration_forward"], raw["t_calibration_forward_wide"]
+        )
         if solved is None:
             backend = backend_elementwise_bw(hw, raw["t_calibration_forward"])
             solved = (backend or raw["elementwise_mix_bw"], 1.0)
@@ -426,6 +428,14 @@ def nonnegative_lstsq(a: np.ndarray, y: np.ndarray) -> np.ndarray:
     return x
 
 
+def calibration_call_time(hw: HardwareProfile, kind: str, spec: ModelSpec = CALIBRATION_SPEC) -> float:
+    """The cost model's time of a calibration call (``kind``: 'inference' or 'train') of ``spec``
+    on :data:`CALIBRATION_BATCH`, one device, one microbatch, the backend's features."""
+    b, seq = CALIBRATION_BATCH
+    call = MFC("calibration", "actor", kind, (), (), batch_size=b, prompt_len=seq, gen_len=0)  # type: ignore[arg-type]
+    return call_cost(call, spec, 1, 1, 1, 1, Cluster(1, 1, hw), _BACKEND).time
+
+
 def backend_elementwise_bw(hw: HardwareProfile, t_forward: float) -> float | None:
     """Elementwise throughput at which the cost model reproduces the backend's measured forward.
 
@@ -435,12 +445,9 @@ def backend_elementwise_bw(hw: HardwareProfile, t_forward: float) -> float | Non
     the counted matmuls (small attention matmuls, transposes, transcendentals) into one rate.
     None when the matmuls alone already take the measured time.
     """
-    b, seq = CALIBRATION_BATCH
-    call = MFC("calibration", "actor", "inference", (), (), batch_size=b, prompt_len=seq, gen_len=0)
 
     def predicted(e: float) -> float:
-        cluster = Cluster(1, 1, replace(hw, elementwise_bw=e))
-        return call_cost(call, CALIBRATION_SPEC, 1, 1, 1, 1, cluster, _BACKEND).time
+        return calibration_call_time(replace(hw, elementwise_bw=e), "inference")
 
     fixed = predicted(1e30)
     counted = predicted(1.0) - fixed
@@ -457,12 +464,9 @@ def backend_backward_factor(hw: HardwareProfile, t_train: float) -> float | None
     it is solved directly; this folds the train path's own work (the loss, the fp32 log-softmax
     backward, the schedule) into the factor. None when the forward alone already takes longer.
     """
-    b, seq = CALIBRATION_BATCH
-    call = MFC("calibration", "actor", "train", (), (), batch_size=b, prompt_len=seq, gen_len=0)
 
     def predicted(f: float) -> float:
-        cluster = Cluster(1, 1, replace(hw, backward_factor=f))
-        return call_cost(call, CALIBRATION_SPEC, 1, 1, 1, 1, cluster, _BACKEND).time
+        return calibration_call_time(replace(hw, backward_factor=f), "train")
 
     zero, per = predicted(0.0), predicted(1.0) - predicted(0.0)
     if t_train <= zero or per <= 0:
@@ -470,7 +474,9 @@ def backend_backward_factor(hw: HardwareProfile, t_train: float) -> float | None
     return (t_train - zero) / per
 
 
-def backend_elementwise_rates(hw: HardwareProfile, t_forward: float, t_wide: float) -> tuple[float, float] | None:
+def backend_elementwise_rates(
+    hw: HardwareProfile, t_forward: float, t_wide: float
+) -> tuple[float, float] | None:
     """(``elementwise_bw``, ``logit_pass_factor``) at which the cost model reproduces both measured
     inference calls: the calibration model's and the same layers under :data:`WIDE_VOCAB`.
 
@@ -479,14 +485,16 @@ def backend_elementwise_rates(hw: HardwareProfile, t_forward: float, t_wide: flo
     give two linear equations in ``1 / E`` and ``f / E``. None when the solution is not positive
     (the probes too noisy to separate the two), so a single rate is fitted instead.
     """
-    b, seq = CALIBRATION_BATCH
-    call = MFC("calibration", "actor", "inference", (), (), batch_size=b, prompt_len=seq, gen_len=0)
     rows, rhs = [], []
-    for spec, t in ((CALIBRATION_SPEC, t_forward), (replace(CALIBRATION_SPEC, vocab_size=WIDE_VOCAB), t_wide)):
+    for spec, t in (
+        (CALIBRATION_SPEC, t_forward),
+        (replace(CALIBRATION_SPEC, vocab_size=WIDE_VOCAB), t_wide),
+    ):
 
         def predicted(e: float, f: float, spec: ModelSpec = spec) -> float:
-            cluster = Cluster(1, 1, replace(hw, elementwise_bw=e, logit_pass_factor=f))
-            return call_cost(call, spec, 1, 1, 1, 1, cluster, _BACKEND).time
+            return calibration_call_time(
+                replace(hw, elementwise_bw=e, logit_pass_factor=f), "inference", spec
+            )
 
         fixed = predicted(1e30, 1.0)
         layers = predicted(1.0, 0.0) - fixed
