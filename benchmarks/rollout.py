@@ -8,7 +8,7 @@ One process, one model from the same weights, the same left-padded prompts:
   log-probs recomputed by the shard's forward); the tokens must be the same. Each is the best
   of ``--reps`` interleaved repetitions, after one warm-up each (vLLM's first batch is slow).
   vLLM's time is also given without the weight update and the log-prob recomputation.
-* weight update: the full-tensor path (the shard's tensors under HF names, vLLM's in-place
+* weight update at tp=1 (the direct path: the shard's tensors under HF names, vLLM's in-place
   reload and a prefix-cache reset) for models of several widths: bytes, seconds, GB/s.
 
 Needs vLLM (``.venv-vllm``, made by ``scripts/setup_vllm.sh``).
@@ -96,8 +96,9 @@ def updates(groups: LayoutGroups, args: argparse.Namespace) -> list[dict[str, An
         shard = ModelShard.from_canonical(spec, groups, random_canonical(spec, seed=2, std=0.02))
         gen = VllmGenerator(config=VllmConfig(max_model_len=128, max_num_seqs=4, kv_cache_bytes=1 << 27))
         gen.update_weights(shard)  # starts the engine
-        best = min((gen.update_weights(shard) for _ in range(args.reps)), key=lambda r: r[1])
-        rows.append({"model": f"h{hidden} L{layers}", "bytes": best[0], "seconds": best[1], "gb_s": best[0] / best[1] / 1e9})
+        best = min((gen.update_weights(shard) for _ in range(args.reps)), key=lambda u: u.seconds)
+        rows.append({"model": f"h{hidden} L{layers}", "bytes": best.bytes_loaded, "seconds": best.seconds,
+                     "gb_s": best.bytes_loaded / best.seconds / 1e9})
         gen.engine.llm = None  # type: ignore[union-attr]  # drop without vLLM's shutdown (it ends the world)
         gen.engine = None
     return rows
@@ -121,7 +122,7 @@ def main() -> None:
     print(f"generation, {g['model']}, {g['batch']} x ({g['prompt']} + {g['new']}) greedy, same tokens: {g['same_tokens']}")
     print(f"  native {g['native_tok_s']:.0f} tok/s | vllm {g['vllm_tok_s']:.0f} tok/s "
           f"(engine alone {g['vllm_engine_only_tok_s']:.0f} tok/s) | vllm start {g['vllm_start_s']:.1f} s")
-    print("weight update, full-tensor path:")
+    print("weight update, tp=1 (direct path):")
     for r in out["updates"]:
         print(f"  {r['model']}: {r['bytes'] / 1e6:.1f} MB in {r['seconds'] * 1e3:.1f} ms ({r['gb_s']:.2f} GB/s)")
     if args.json:

@@ -12,14 +12,14 @@ The module imports nothing heavy, so the planner's command line starts fast.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Literal, cast, get_args
 
 Precision = Literal["32-true", "bf16-mixed", "bf16-true"]
 Optimizer = Literal["auto", "replicated", "distributed"]
 Attention = Literal["local", "sdpa"]
 Recompute = Literal["none", "selective", "full", "auto"]
-GenerationBackend = Literal["native", "vllm"]
+GenerationBackend = Literal["native", "vllm", "auto"]
 
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
@@ -39,6 +39,48 @@ LIGHTNING_PRECISIONS: dict[str, str] = {
 
 class FeatureError(ValueError):
     """A feature value the runtime cannot run: the message names the option and the allowed values."""
+
+
+@dataclass(frozen=True)
+class VllmConfig:
+    """How the ``vllm`` generation backend starts and keeps its engines (a recipe's ``engine.vllm``)."""
+
+    max_model_len: int | None = None
+    """Longest prompt + response the engine serves; null: the model's max_position_embeddings."""
+    max_num_seqs: int = 64
+    """Most sequences in one continuous batch (vLLM's ``max_num_seqs``)."""
+    kv_cache_bytes: int = 1 << 30
+    """Memory of the paged KV cache on each rank (vLLM's ``kv_cache_memory_bytes`` of the rank's
+    engine object; a tensor-parallel replica holds ``tp`` of them, each with its share of the KV
+    heads), instead of a fraction of the device: the engine shares its device with training. The
+    planner prices generation in waves when the replica's rows do not fit."""
+    enforce_eager: bool = True
+    """Run the model eagerly (no CUDA graphs, no torch.compile): fast start, what CPU supports."""
+    block_size: int | None = None
+    """Tokens per KV-cache block; null: vLLM's default for the device (128 on CPU)."""
+    seed: int = 0
+    """vLLM's own seed (its sampling streams are not the native generator's)."""
+    release: bool = True
+    """Release the engine's weights and KV cache while other calls run on its devices and
+    restore them for the next generate call, weights first, cache second (vLLM's sleep mode
+    where the platform has it; on CPU only the KV cache, whose storage is freed)."""
+
+    def __post_init__(self) -> None:
+        if self.max_model_len is not None and (
+            not isinstance(self.max_model_len, int) or isinstance(self.max_model_len, bool) or self.max_model_len < 2
+        ):
+            raise FeatureError(f"VllmConfig.max_model_len={self.max_model_len!r}; allowed: null or an integer >= 2")
+        for name in ("max_num_seqs", "kv_cache_bytes"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise FeatureError(f"VllmConfig.{name}={v!r}; allowed: an integer >= 1")
+        if self.block_size is not None and (
+            not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or self.block_size < 1
+        ):
+            raise FeatureError(f"VllmConfig.block_size={self.block_size!r}; allowed: null or an integer >= 1")
+        for name in ("enforce_eager", "release"):
+            if not isinstance(getattr(self, name), bool):
+                raise FeatureError(f"VllmConfig.{name}={getattr(self, name)!r}; allowed: true, false")
 
 
 @dataclass(frozen=True)
@@ -65,7 +107,11 @@ class RuntimeFeatures:
     without a choice means none)."""
     generation_backend: GenerationBackend = "native"
     """Engine of generate calls: 'native' (this package's generator: any tp/pp, the same tokens
-    under any split) or 'vllm' (vLLM in this process, one engine per data-parallel replica)."""
+    under any split), 'vllm' (vLLM in this process, one engine per data-parallel replica), or
+    'auto' (the plan chooses per generate call; the planner searches it, a hand plan without a
+    choice means native)."""
+    vllm: VllmConfig = field(default_factory=VllmConfig)
+    """How the vLLM engines start (read when a generate call uses vLLM)."""
     offload_idle: bool = False
     """Park the parameters of a model's call copies in host memory between its calls; False keeps
     them on the device until the call is over and then drops them."""
@@ -83,6 +129,10 @@ class RuntimeFeatures:
     """Precision of the reward model; null: ``precision``."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.vllm, dict):  # from a plan file or report (``to_dict``)
+            object.__setattr__(self, "vllm", VllmConfig(**self.vllm))
+        if not isinstance(self.vllm, VllmConfig):
+            raise FeatureError(f"vllm={self.vllm!r}; allowed: a VllmConfig or a mapping of its fields")
         allowed = {
             "precision": PRECISIONS,
             "optimizer": OPTIMIZERS,
@@ -107,9 +157,17 @@ class RuntimeFeatures:
             if v is not None and v not in PRECISIONS:
                 raise FeatureError(f"{role}_precision={v!r}; allowed: null, {', '.join(PRECISIONS)}")
 
-    def for_call(self, role: str, call_type: str, recompute: str | None = None) -> RuntimeFeatures:
-        """The features one call runs with: its role's precision, and recomputation only in train
-        calls (``recompute``: the plan's choice when the features leave it to the plan)."""
+    def for_call(
+        self, role: str, call_type: str, recompute: str | None = None, backend: str | None = None
+    ) -> RuntimeFeatures:
+        """The features one call runs with: its role's precision, recomputation only in train
+        calls and a generation backend (``recompute``, ``backend``: the plan's choices when the
+        features leave them to the plan)."""
+        engine: GenerationBackend = self.generation_backend
+        if engine == "auto":
+            if backend not in (None, "native", "vllm"):
+                raise FeatureError(f"generation backend={backend!r}; allowed: native, vllm")
+            engine = cast(GenerationBackend, backend or "native")
         chosen: Recompute = self.recompute
         if call_type != "train":
             chosen = "none"
@@ -117,7 +175,7 @@ class RuntimeFeatures:
             if recompute not in (None, "none", "selective", "full"):
                 raise FeatureError(f"recompute={recompute!r}; allowed: none, selective, full")
             chosen = cast(Recompute, recompute or "none")
-        return replace(self.for_role(role), recompute=chosen)
+        return replace(self.for_role(role), recompute=chosen, generation_backend=engine)
 
     def for_role(self, role: str) -> RuntimeFeatures:
         """The features of one role's models: its precision, with no per-role overrides left."""
@@ -174,9 +232,9 @@ class RuntimeFeatures:
             parts.append(f"packed to {self.token_budget} tokens")
         return ", ".join(parts)
 
-    def to_dict(self) -> dict[str, str | bool | int | None]:
-        """Field -> value, as reports and plan files write them."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+    def to_dict(self) -> dict[str, object]:
+        """Field -> value, as reports and plan files write them (``vllm`` as a mapping)."""
+        return {f.name: asdict(self.vllm) if f.name == "vllm" else getattr(self, f.name) for f in fields(self)}
 
 
 REFERENCE = RuntimeFeatures(precision="32-true", optimizer="replicated", attention="local")

@@ -68,6 +68,9 @@ class Plan:
     recompute: Mapping[str, str] = field(default_factory=dict)
     """Train call name -> activation recomputation ('none', 'selective', 'full'), used when the
     runtime features leave it to the plan (``recompute: auto``); calls left out: none."""
+    backends: Mapping[str, str] = field(default_factory=dict)
+    """Generate call name -> generation engine ('native', 'vllm'), used when the runtime features
+    leave it to the plan (``generation_backend: auto``); calls left out: native."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.layouts, Mapping) or not self.layouts:
@@ -98,9 +101,17 @@ class Plan:
                     f"plan {self.name}: recompute of {call} = {v!r}; allowed: none, selective, full"
                 )
             rc[str(call)] = str(v)
+        be: dict[str, str] = {}
+        for call, v in dict(self.backends or {}).items():
+            if call not in lays:
+                raise PlanError(f"plan {self.name}: backends names {call!r}, which has no layout")
+            if v not in ("native", "vllm"):
+                raise PlanError(f"plan {self.name}: backend of {call} = {v!r}; allowed: native, vllm")
+            be[str(call)] = str(v)
         object.__setattr__(self, "layouts", lays)
         object.__setattr__(self, "microbatches", mbs)
         object.__setattr__(self, "recompute", rc)
+        object.__setattr__(self, "backends", be)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], name: str = "plan") -> Plan:
@@ -112,16 +123,18 @@ class Plan:
         if "plan" in data and isinstance(data["plan"], Mapping):
             data = data["plan"]
         if "layouts" in data:
-            extra = sorted(set(data) - {"layouts", "microbatches", "recompute", "name", *PLANNER_REPORT_KEYS})
+            sections = {"layouts", "microbatches", "recompute", "backends"}
+            extra = sorted(set(data) - {*sections, "name", *PLANNER_REPORT_KEYS})
             if extra:
                 raise PlanError(
-                    f"plan {name}: unknown sections {extra}; allowed: layouts, microbatches, recompute"
+                    f"plan {name}: unknown sections {extra}; allowed: layouts, microbatches, recompute, backends"
                 )
             return cls(
                 dict(data["layouts"]),
                 dict(data.get("microbatches") or {}),
                 str(data.get("name", name)),
                 dict(data.get("recompute") or {}),
+                dict(data.get("backends") or {}),
             )
         return cls(dict(data), {}, name)
 
@@ -146,6 +159,8 @@ class Plan:
             out["microbatches"] = dict(self.microbatches)
         if self.recompute:
             out["recompute"] = dict(self.recompute)
+        if self.backends:
+            out["backends"] = dict(self.backends)
         return out
 
     def to_yaml(self, path: str | Path) -> None:
@@ -164,7 +179,7 @@ class Plan:
 
     def with_name(self, name: str) -> Plan:
         """The same plan under another label."""
-        return Plan(dict(self.layouts), dict(self.microbatches), name, dict(self.recompute))
+        return Plan(dict(self.layouts), dict(self.microbatches), name, dict(self.recompute), dict(self.backends))
 
     def __str__(self) -> str:
         return f"{self.name}: " + ", ".join(f"{k}={v}" for k, v in self.layouts.items())
@@ -315,4 +330,7 @@ def check_plan(
     for call in plan.recompute:
         if graph.call(call).call_type != "train":
             raise PlanError(f"plan {plan.name}: recompute names {call}, which is not a train call")
-    return Plan(layouts, mbs, plan.name, dict(plan.recompute))
+    for call in plan.backends:
+        if graph.call(call).call_type != "generate":
+            raise PlanError(f"plan {plan.name}: backends names {call}, which is not a generate call")
+    return Plan(layouts, mbs, plan.name, dict(plan.recompute), dict(plan.backends))

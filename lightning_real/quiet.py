@@ -20,10 +20,19 @@ and its FSDP mixed-precision module
 checkpoint``                                and every_n_train_steps ...                        iteration: the state after it is the one
                                                                                                to resume from
 Lightning's rank-zero logger                Tip: ... try installing [litlogger] ...            an advertisement
+``vllm`` (only when the vllm backend        its INFO records (start-up, every weight reload    the runtime logs the engine's start and each
+imports it, :func:`quiet_vllm`)             and prefix-cache reset): level WARNING unless      update in one line; ``VLLM_LOGGING_LEVEL``
+                                            ``VLLM_LOGGING_LEVEL`` is set                      set by the user wins
+``vllm...model_loader.reload.layerwise``    RotaryEmbedding: Failed to load weights            the rotary tables are computed, not loaded:
+                                                                                               vLLM keeps its own (every reload)
+``vllm.renderers.base``                     Chat template warmup failed (with a traceback),    the engine starts without a tokenizer on
+                                            Using None for EOS token id ...                    purpose: token ids in, stop ids given
 ==========================================  =================================================  ==========================================
 
 The process-wide side effects are exactly these: warning filters (``warnings.filterwarnings``,
-prepended) and one ``logging.Filter`` on Lightning's rank-zero loggers. When the user asks for
+prepended), one ``logging.Filter`` on Lightning's rank-zero loggers, and, once vLLM is imported
+by the vllm backend, vLLM's log level (while its engines start) and filters on two of its
+loggers. When the user asks for
 warnings (``python -W ...`` or ``PYTHONWARNINGS``), nothing is installed.
 """
 
@@ -55,6 +64,11 @@ CPU_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
 """Warnings filtered only on machines without CUDA, where their advice cannot apply."""
 LOG_PREFIXES: tuple[str, ...] = ("💡 Tip: For seamless cloud logging",)
 """Starts of the log records dropped from Lightning's rank-zero loggers."""
+VLLM_DROPPED: dict[str, tuple[str, ...]] = {
+    "vllm.model_executor.model_loader.reload.layerwise": ("RotaryEmbedding: Failed to load weights",),
+    "vllm.renderers.base": ("Chat template warmup failed", "Using None for EOS token id"),
+}
+"""vLLM logger -> starts of the records dropped from it."""
 RANK_ZERO_LOGGERS: tuple[str, ...] = (
     # lightning_utilities' rank_zero_info logs through whichever of these was imported last
     "lightning.pytorch.utilities.rank_zero",
@@ -104,3 +118,20 @@ def quiet_cpu_advice() -> None:
         return
     _installed.add("cpu")
     _filter(CPU_WARNINGS)
+
+
+def vllm_log_level() -> str:
+    """The level vLLM configures its loggers with at import: the user's ``VLLM_LOGGING_LEVEL``,
+    else WARNING."""
+    import os
+
+    return os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")
+
+
+def quiet_vllm() -> None:
+    """Drop the records of :data:`VLLM_DROPPED` (once per process)."""
+    if "vllm" in _installed or user_wants_warnings():
+        return
+    _installed.add("vllm")
+    for name, prefixes in VLLM_DROPPED.items():
+        logging.getLogger(name).addFilter(_DropPrefixes(prefixes))

@@ -79,19 +79,26 @@ def _table(cls: type, prefix: str) -> list[str]:
     return rows
 
 
-def reference(root: type = Recipe) -> str:
-    """Markdown: the top-level keys, then one table per section."""
-    types, docs = hints(root), field_docs(root)
-    out = ["### Top level", "", *_table(root, ""), ""]
-    for f in dataclasses.fields(root):
+def _sections(cls: type, prefix: str) -> list[str]:
+    """One table per dataclass field of ``cls`` (a section), then that section's own sections."""
+    types, docs = hints(cls), field_docs(cls)
+    out: list[str] = []
+    for f in dataclasses.fields(cls):
         tp = types[f.name]
         if not is_dataclass_type(tp):
             continue
-        out += [f"### `{f.name}`", "", docs.get(f.name, ""), ""]
+        key = f"{prefix}{f.name}"
+        out += [f"### `{key}`", "", docs.get(f.name, ""), ""]
         if tp.__name__ != "ModelSourceConfig" or f.name == "actor":
-            out += [*_table(tp, f"{f.name}."), ""]
+            out += [*_table(tp, f"{key}."), "", *_sections(tp, f"{key}.")]
         else:
             out += ["Keys as `actor` (`path`, `tiny`, `rule`).", ""]
+    return out
+
+
+def reference(root: type = Recipe) -> str:
+    """Markdown: the top-level keys, then one table per section (``engine.vllm`` after ``engine``)."""
+    out = ["### Top level", "", *_table(root, ""), "", *_sections(root, "")]
     return "\n".join(out).rstrip() + "\n"
 
 

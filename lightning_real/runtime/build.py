@@ -104,7 +104,7 @@ class RuntimeContext:
 
 
 RUNNABLE: dict[str, tuple[object, ...]] = {
-    "generation_backend": ("native", "vllm"),
+    "generation_backend": ("native", "vllm", "auto"),
     "offload_idle": (False,),
 }
 """Feature values this runtime builds, where it builds fewer than the declaration allows."""
@@ -116,6 +116,18 @@ def check_features(features: RuntimeFeatures) -> None:
         if name in RUNNABLE and value not in RUNNABLE[name]:
             allowed = ", ".join(repr(v) for v in RUNNABLE[name])
             raise FeatureError(f"{name}={value!r} is not available in this runtime; allowed: {allowed}")
+
+
+def check_plan_backends(features: RuntimeFeatures, plan: Plan) -> None:
+    """Refuse a plan whose generation backends the features fix otherwise."""
+    fixed = features.generation_backend
+    for call, b in plan.backends.items():
+        if fixed != "auto" and b != fixed:
+            raise FeatureError(
+                f"plan {plan.name} runs {call} on the {b} backend, but engine.generation_backend is "
+                f"{fixed!r}; allowed: engine.generation_backend=auto (the plan chooses), or a plan "
+                "without backends"
+            )
 
 
 def build_options(features: RuntimeFeatures, trained: bool) -> BuildOptions:
@@ -154,6 +166,7 @@ def build_runtime(
 ) -> RuntimeContext:
     """Build every declared role that the graph uses (collective over the world)."""
     check_features(config.features)
+    check_plan_backends(config.features, plan)
     homes = graph.home_calls()
     trained = set(graph.trained_roles())
     ctx = RuntimeContext(graph, plan, config, registry.rank, ModelPool())
@@ -189,12 +202,13 @@ def build_runtime(
     for c in graph.calls:
         if c.call_type == "generate":
             rounds = plan.n_mbs(graph, c.name)
-            backend = config.features.for_role(c.role).generation_backend
+            feats = config.features.for_call(c.role, c.call_type, backend=plan.backends.get(c.name))
+            backend = feats.generation_backend
             if backend == "vllm":
                 from lightning_real.runtime.vllm_generation import check_vllm_layout
 
                 check_vllm_layout(plan.layouts[c.name], registry.world_size, c.name)
-            ctx.generators[c.name] = make_generator(backend, rounds)
+            ctx.generators[c.name] = make_generator(backend, rounds, feats.vllm)
     missing = [r for r in homes if r not in ctx.pool.models and r in trained]
     if missing:
         raise ValueError(f"the graph trains roles {missing} that the module does not declare")

@@ -16,6 +16,7 @@ from typing import Protocol
 
 import torch
 
+from lightning_real.features import VllmConfig
 from lightning_real.models.generate import GenerationConfig, GenerationOutput, generate
 from lightning_real.models.shard import ModelShard
 
@@ -81,13 +82,14 @@ class NativeGenerator:
         )
 
 
-def make_generator(backend: str, rounds: int = 1) -> Generator:
-    """The engine of ``backend`` (``RuntimeFeatures.generation_backend``) in ``rounds`` rounds."""
+def make_generator(backend: str, rounds: int = 1, vllm: VllmConfig | None = None) -> Generator:
+    """The engine of ``backend`` (``RuntimeFeatures.generation_backend``) in ``rounds`` rounds;
+    ``vllm``: how a vLLM engine starts."""
     if backend == "native":
         return NativeGenerator(rounds)
     if backend == "vllm":
         # Imported here: vLLM is an optional extra, and only this backend needs it.
         from lightning_real.runtime.vllm_generation import VllmGenerator
 
-        return VllmGenerator(rounds)
+        return VllmGenerator(rounds, vllm)
     raise ValueError(f"generation_backend={backend!r}; allowed: native, vllm")

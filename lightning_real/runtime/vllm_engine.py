@@ -2,7 +2,9 @@
 
 The engine knows nothing of shards or layouts (``vllm_generation`` feeds it): it is started from
 a config-only HF folder with dummy weights (nothing of the model is written to disk), and every
-weight it serves arrives through :meth:`VllmEngine.load_weights` as canonical HF-named tensors.
+weight it serves arrives through :meth:`VllmEngine.load_weights` as full-shape HF-named tensors.
+With tensor parallelism each rank of a replica runs its own engine (vLLM's
+``external_launcher``), and vLLM's loaders read each rank's slice of those tensors.
 
 vLLM runs in-process: ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (no engine-core process, no Ray), set
 only while the engine is built. Its CPU kernels repack linear weights after loading (the plain
@@ -20,15 +22,16 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from lightning_real.features import FeatureError
+from lightning_real.features import FeatureError, VllmConfig
 from lightning_real.models.hf import architecture
 from lightning_real.models.spec import ModelSpec
+from lightning_real.quiet import vllm_log_level
 
 log = logging.getLogger(__name__)
 
@@ -44,39 +47,15 @@ class VllmUnavailable(FeatureError):
     """vLLM cannot serve this model here: the message names the option and what to change."""
 
 
-@dataclass(frozen=True)
-class VllmConfig:
-    """How a vLLM engine is started."""
-
-    max_model_len: int | None = None
-    """Longest prompt + response the engine serves; None: the model's max_position_embeddings."""
-    max_num_seqs: int = 64
-    """Most sequences in one continuous batch."""
-    kv_cache_bytes: int = 1 << 30
-    """Memory of the paged KV cache (vLLM's ``kv_cache_memory_bytes``), instead of a fraction of
-    the device: the engine shares its device with training."""
-    enforce_eager: bool = True
-    """Run the model eagerly (no CUDA graphs, no torch.compile): fast start, what CPU supports."""
-    block_size: int | None = None
-    """Tokens per KV-cache block; None: vLLM's default for the device (128 on CPU)."""
-    seed: int = 0
-    """vLLM's own seed (its sampling streams are not the native generator's)."""
-
-    def __post_init__(self) -> None:
-        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
-            raise ValueError(f"VllmConfig.max_model_len={self.max_model_len!r}; allowed: None or an integer >= 2")
-        if not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
-            raise ValueError(f"VllmConfig.max_num_seqs={self.max_num_seqs!r}; allowed: an integer >= 1")
-        if not isinstance(self.kv_cache_bytes, int) or self.kv_cache_bytes < 1:
-            raise ValueError(f"VllmConfig.kv_cache_bytes={self.kv_cache_bytes!r}; allowed: an integer >= 1")
-
-
 def import_vllm() -> Any:
     """The ``vllm`` package, or an error that names the extra to install."""
+    from lightning_real.quiet import quiet_vllm
+
     try:
         import vllm
     except ImportError as e:
         raise VllmUnavailable(f"engine.generation_backend=vllm needs vLLM, which is not installed: {EXTRA_HINT}") from e
+    quiet_vllm()
     return vllm
 
 
@@ -132,11 +111,71 @@ def _config_folder(spec: ModelSpec, dtype: torch.dtype) -> Path:
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-class VllmEngine:
-    """An in-process vLLM ``LLM`` for one model (tensor parallelism 1, this process's device)."""
+def _parallel_args(tp: int) -> dict[str, Any]:
+    """vLLM's tensor-parallel arguments: none for one rank (its default single-process executor)."""
+    if tp == 1:
+        return {}
+    return {"tensor_parallel_size": tp, "distributed_executor_backend": "external_launcher"}
 
-    def __init__(self, spec: ModelSpec, dtype: torch.dtype, config: VllmConfig | None = None) -> None:
+
+def _launcher_env(tp: int) -> dict[str, str]:
+    """What vLLM's ``external_launcher`` reads from the environment (a torchrun-style launch),
+    from the world this process already joined."""
+    if tp == 1:
+        return {}
+    if not dist.is_initialized():
+        raise RuntimeError(f"a tensor-parallel vLLM engine (tp={tp}) needs torch.distributed initialised")
+    rank = str(dist.get_rank())
+    return {"RANK": rank, "LOCAL_RANK": os.environ.get("LOCAL_RANK", rank)}
+
+
+def _storages(worker: Any) -> tuple[list[torch.UntypedStorage], list[torch.UntypedStorage]]:
+    """Runs inside vLLM's worker (here: this process): the storages of the model's parameters
+    and of its KV cache, each once."""
+
+    def unique(ts: Iterable[torch.Tensor]) -> list[torch.UntypedStorage]:
+        seen: dict[int, torch.UntypedStorage] = {}
+        for t in ts:
+            st = t.untyped_storage()
+            seen.setdefault(st.data_ptr(), st)
+        return list(seen.values())
+
+    runner = worker.model_runner
+    return unique(runner.model.parameters()), unique(runner.kv_caches)
+
+
+def _sleep_available() -> bool:
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_sleep_mode_available())
+
+
+def _vocab_rows(model: torch.nn.Module) -> dict[str, int]:
+    """Runs inside vLLM's worker (here: this process) on its model: see
+    :meth:`VllmEngine.vocab_rows_per_rank`."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, VocabParallelEmbedding) and mod.num_added_embeddings == 0:
+            ix = mod.shard_indices
+            out[f"{name}.weight"] = int(ix.padded_org_vocab_end_index - ix.padded_org_vocab_start_index)
+    return out
+
+
+class VllmEngine:
+    """An in-process vLLM ``LLM`` for one model on this process's device.
+
+    With ``tp`` > 1 it is one of the ``tp`` engines of a tensor-parallel replica, one per rank
+    (vLLM's ``external_launcher``: each process runs the same schedule, no extra processes); vLLM
+    then groups consecutive ranks of the world, ``tp`` at a time.
+    """
+
+    def __init__(
+        self, spec: ModelSpec, dtype: torch.dtype, config: VllmConfig | None = None, tp: int = 1
+    ) -> None:
         self.spec = spec
+        self.tp = tp
         self.config = config or VllmConfig()
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         check_servable(spec, device)
@@ -146,6 +185,9 @@ class VllmEngine:
         from vllm.entrypoints.llm import LLM
 
         max_len = self.config.max_model_len or spec.max_position_embeddings
+        # vLLM's sleep mode (CUDA/ROCm/XPU) frees weights and cache through its own allocator; it
+        # must be switched on when the engine starts. CPU has none: storages are freed here.
+        self.sleep_mode = self.config.release and _sleep_available()
         self._folder = _config_folder(spec, dtype)
         # vLLM lowers torch's intra-op threads to 1 for serving, and its CPU worker replaces
         # torch.set_num_threads with a no-op once it has bound its OpenMP threads; the process
@@ -153,7 +195,9 @@ class VllmEngine:
         threads, set_threads = torch.get_num_threads(), torch.set_num_threads
         start = time.perf_counter()
         try:
-            with _scoped_env(VLLM_ENABLE_V1_MULTIPROCESSING="0"):
+            # vLLM configures its loggers while the engine starts, from VLLM_LOGGING_LEVEL.
+            env = dict(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_LOGGING_LEVEL=vllm_log_level())
+            with _scoped_env(**env, **_launcher_env(tp)):
                 self.llm: Any = LLM(
                     model=str(self._folder),
                     skip_tokenizer_init=True,
@@ -165,6 +209,8 @@ class VllmEngine:
                     load_format="dummy",
                     **({} if self.config.block_size is None else {"block_size": self.config.block_size}),
                     seed=self.config.seed,
+                    **({"enable_sleep_mode": True} if self.sleep_mode else {}),
+                    **_parallel_args(tp),
                 )
         finally:
             torch.set_num_threads = set_threads
@@ -173,9 +219,99 @@ class VllmEngine:
         self.max_model_len = max_len
         self.loads = 0
         """Weight replacements so far."""
+        self.released: tuple[bool, bool] = (False, False)
+        """Whether the weights and the KV cache are released now."""
+        self._kept: tuple[list[tuple[torch.UntypedStorage, int]], list[tuple[torch.UntypedStorage, int]]] = ([], [])
+        """Released storages (CPU) of the weights and of the cache, with their sizes, to restore."""
+        params, cache = self._storage_lists()
+        self.weight_bytes = sum(st.nbytes() for st in params)
+        """Bytes of the engine's parameters on this rank (its tensor-parallel shard)."""
+        self.cache_bytes = sum(st.nbytes() for st in cache)
+        """Bytes of the engine's KV cache on this rank."""
+
+    def _storage_lists(self) -> tuple[list[torch.UntypedStorage], list[torch.UntypedStorage]]:
+        (out,) = self.llm.collective_rpc(_storages)
+        params: list[torch.UntypedStorage] = out[0]
+        cache: list[torch.UntypedStorage] = out[1]
+        return params, cache
+
+    def resident_bytes(self) -> int:
+        """Bytes the engine's parameters and KV cache hold now on this rank (0 when released)."""
+        if self.sleep_mode:
+            w, c = self.released
+            return (0 if w else self.weight_bytes) + (0 if c else self.cache_bytes)
+        params, cache = self._storage_lists()
+        return sum(st.nbytes() for st in params + cache)
+
+    def release(self) -> int:
+        """Free the weights and the KV cache until :meth:`restore_weights` and
+        :meth:`restore_cache`; the bytes freed on this rank.
+
+        With vLLM's sleep mode: level 2 (weights discarded, not offloaded: the next call writes
+        them all again). Without (CPU): the storages of the parameters and of the cache are
+        resized to nothing; the weight update refills every parameter (vLLM's reload restores
+        and repacks each layer) and the prefix cache is reset, so no stale byte is read. The
+        packed copies vLLM's CPU kernels keep of their linear weights are not parameters and
+        stay.
+        """
+        if self.released == (True, True):
+            return 0
+        freed = self.resident_bytes()
+        if self.sleep_mode:
+            self.llm.sleep(level=2)
+        else:
+            for kept, storages in zip(self._kept, self._storage_lists(), strict=True):
+                for st in storages:
+                    if st.nbytes():
+                        kept.append((st, st.nbytes()))
+                        st.resize_(0)
+        self.released = (True, True)
+        return freed
+
+    def restore_weights(self) -> None:
+        """Give the parameters their memory back (contents undefined until the next update)."""
+        if not self.released[0]:
+            return
+        if self.sleep_mode:
+            self.llm.wake_up(tags=["weights"])
+        else:
+            self._regrow(self._kept[0])
+        self.released = (False, self.released[1])
+
+    def restore_cache(self) -> None:
+        """Give the KV cache its memory back (after the weights: it is the larger one)."""
+        if not self.released[1]:
+            return
+        if self.sleep_mode:
+            self.llm.wake_up(tags=["kv_cache"])
+        else:
+            self._regrow(self._kept[1])
+        self.llm.reset_prefix_cache()
+        self.released = (self.released[0], False)
+
+    @staticmethod
+    def _regrow(kept: list[tuple[torch.UntypedStorage, int]]) -> None:
+        for st, n in kept:
+            st.resize_(n)
+        kept.clear()
+
+    def tp_placement(self) -> tuple[int, tuple[int, ...]]:
+        """(vLLM's tensor-parallel rank of this process, the global ranks of its group)."""
+        from vllm.distributed.parallel_state import get_tp_group
+
+        g = get_tp_group()
+        return int(g.rank_in_group), tuple(int(r) for r in g.ranks)
+
+    def vocab_rows_per_rank(self) -> dict[str, int]:
+        """Rows per tensor-parallel rank of each vocabulary layer (by its weight's name), split
+        from the padded vocabulary; layers with added (non-checkpoint) rows are left out."""
+        (rows,) = self.llm.apply_model(_vocab_rows)
+        out: dict[str, int] = rows
+        return out
 
     def load_weights(self, hf_tensors: Iterable[tuple[str, torch.Tensor]]) -> tuple[int, float]:
-        """Replace every weight with ``hf_tensors`` (HF names, full tensors); (bytes, seconds)."""
+        """Replace every weight with ``hf_tensors`` (HF names, full-shape tensors: each rank's
+        loaders read their tensor-parallel slice); (bytes handed over, seconds)."""
         nbytes = 0
 
         def counted() -> Iterator[tuple[str, torch.Tensor]]:

@@ -7,11 +7,10 @@ the tests share a one-rank gloo world in this process, built once.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
@@ -23,24 +22,18 @@ from lightning_real.distributed.launch import free_port
 from lightning_real.layout import Layout
 from lightning_real.models.generate import GenerationConfig, GenerationOutput, generate
 from lightning_real.models.hf import hf_model
-from lightning_real.models.optim import OptimConfig
 from lightning_real.models.shard import ModelShard
 from lightning_real.models.sharding import random_canonical
 from lightning_real.models.spec import tiny_spec
-from lightning_real.models.train import TrainConfig, TrainEngine
-from lightning_real.models.vocab_parallel import vocab_parallel_logprobs
 from lightning_real.modules.calls import generate_call
 from lightning_real.runtime.generation import make_generator
 from lightning_real.runtime.vllm_engine import VllmConfig, VllmUnavailable, check_servable
 from lightning_real.runtime.vllm_generation import VllmGenerator
+from tests.with_vllm.batches import PAD, prompts, train_one_step
 
 # head size 32: vLLM's CPU attention has no kernel for tiny_spec's 16.
 SPEC = tiny_spec("llama", hidden_size=128, num_layers=2)
 NEW = 12
-PAD = 0
-# Prompt widths: the longest spans more than one KV-cache block, so a prefix cache that kept
-# keys and values of the old weights would change that row's tokens after an update.
-LENGTHS = (70, 9, 3, 40)
 # fp32 on CPU, three implementations summing in different orders (seen: 2e-6 on log-probs).
 ATOL = 1e-4
 STD = 0.1  # std 0.1: tiny random models emit varied tokens (0.02 repeats one token)
@@ -71,16 +64,6 @@ def world() -> Iterator[World]:
             dist.destroy_process_group()
 
 
-def _prompts() -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    s = max(LENGTHS)
-    ids = torch.randint(3, 250, (len(LENGTHS), s), generator=g)
-    mask = torch.zeros(len(LENGTHS), s, dtype=torch.long)
-    for row, n in enumerate(LENGTHS):
-        mask[row, s - n :] = 1
-    return ids * mask + PAD * (1 - mask), mask
-
-
 def _shard(w: World, canonical: dict[str, torch.Tensor] | None = None) -> ModelShard:
     return ModelShard.from_canonical(SPEC, w.groups, canonical or w.canonical)
 
@@ -105,7 +88,7 @@ def _hf_greedy(canonical: dict[str, torch.Tensor], ids: torch.Tensor, mask: torc
 
 
 def test_greedy_equals_native_and_transformers(world: World) -> None:
-    ids, mask = _prompts()
+    ids, mask = prompts()
     shard = _shard(world)
     cfg = GenerationConfig(max_new_tokens=NEW, greedy=True, pad_token_id=PAD)
     native = generate(shard, ids, mask, cfg)
@@ -116,9 +99,11 @@ def test_greedy_equals_native_and_transformers(world: World) -> None:
     torch.testing.assert_close(ours.response_logprobs, native.response_logprobs, atol=ATOL, rtol=0)
     # the engine's own log-probs (temperature 1) against the shard's
     assert world.gen.last_logprob_diff is not None and world.gen.last_logprob_diff < ATOL
-    # the full-tensor update moved every parameter once, fp32
+    # tp=1: the direct path hands over every parameter once, fp32, and communicates nothing
     n_params = sum(t.numel() for t in world.canonical.values())
-    assert world.gen.last_update is not None and world.gen.last_update[0] == 4 * n_params
+    u = world.gen.last_update
+    assert u is not None and u.path == "direct" and u.bytes_sent == 0
+    assert u.bytes_loaded == u.bytes_local == 4 * n_params
     # vLLM lowers torch's threads and disables set_num_threads while it starts: both are back
     assert torch.get_num_threads() == world.threads
     torch.set_num_threads(world.threads + 1)
@@ -131,7 +116,7 @@ def test_greedy_equals_native_and_transformers(world: World) -> None:
 
 
 def test_eos_ends_rows_as_native(world: World) -> None:
-    ids, mask = _prompts()
+    ids, mask = prompts()
     shard = _shard(world)
     free = generate(shard, ids, mask, GenerationConfig(max_new_tokens=NEW, greedy=True, pad_token_id=PAD))
     # an EOS that row 0 emits at its 4th token: that row ends there, the others as they emit it
@@ -145,34 +130,16 @@ def test_eos_ends_rows_as_native(world: World) -> None:
     torch.testing.assert_close(ours.response_logprobs, native.response_logprobs, atol=ATOL, rtol=0)
 
 
-def _lm_loss(
-    tp_group: Any, output: torch.Tensor, mb: dict[str, torch.Tensor]
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    m = mb["loss_mask"].float()
-    return -(vocab_parallel_logprobs(output, mb["labels"], tp_group) * m).sum(), {}
-
-
-def _train_one_step(shard: ModelShard) -> None:
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(3, 250, (4, 24), generator=g)
-    attn = torch.ones_like(ids)
-    loss_mask = torch.ones_like(ids)
-    loss_mask[:, -1] = 0
-    batch = {"input_ids": ids, "attention_mask": attn, "labels": torch.roll(ids, -1, 1), "loss_mask": loss_mask}
-    loss = functools.partial(_lm_loss, shard.groups.tp)
-    TrainEngine(shard, loss, TrainConfig(optim=OptimConfig(lr=3e-2))).step(batch)
-
-
 def test_engine_follows_a_training_step(world: World, caplog: pytest.LogCaptureFixture) -> None:
-    ids, mask = _prompts()
+    ids, mask = prompts()
     shard = _shard(world)
     cfg = GenerationConfig(max_new_tokens=NEW, greedy=True, pad_token_id=PAD)
     before = world.gen.generate(shard, ids, mask, cfg, row_offset=0)
-    _train_one_step(shard)
+    train_one_step(shard)
     native = generate(shard, ids, mask, cfg)
     with caplog.at_level(logging.INFO, logger="lightning_real.runtime.vllm_generation"):
         after = world.gen.generate(shard, ids, mask, cfg, row_offset=0)
-    assert "full-tensor path" in caplog.text
+    assert "direct path" in caplog.text
     # the step changed what the model says, and the engine says what the trained shard says
     assert not torch.equal(native.tokens, before.tokens)
     for k, v in _fields(native).items():
@@ -181,8 +148,38 @@ def test_engine_follows_a_training_step(world: World, caplog: pytest.LogCaptureF
     assert world.gen.last_logprob_diff is not None and world.gen.last_logprob_diff < ATOL
 
 
+def test_engine_memory_is_released_between_calls_and_restored(world: World) -> None:
+    ids, mask = prompts()
+    shard = _shard(world)
+    cfg = GenerationConfig(max_new_tokens=NEW, greedy=True, pad_token_id=PAD)
+    native = generate(shard, ids, mask, cfg)
+    gen = world.gen
+    first = gen.generate(shard, ids, mask, cfg, row_offset=0)
+    engine = gen.engine
+    assert engine is not None and not engine.sleep_mode  # CPU: no vLLM sleep mode, storages freed here
+    # after the call: weights and cache freed (release=True is the default)
+    assert engine.released == (True, True) and engine.resident_bytes() == 0
+    assert gen.last_release_bytes == engine.weight_bytes + engine.cache_bytes
+    assert engine.cache_bytes == CONFIG.kv_cache_bytes and engine.weight_bytes > 0
+    # restored for the next call, weights first (the update refills them), the cache second
+    engine.restore_weights()
+    assert engine.released == (False, True)
+    assert engine.resident_bytes() == engine.weight_bytes
+    again = gen.generate(shard, ids, mask, cfg, row_offset=0)
+    assert torch.equal(again.tokens, native.tokens) and torch.equal(first.tokens, native.tokens)
+    # release=False keeps both resident
+    kept = replace(gen.config, release=False)
+    gen.config = kept
+    try:
+        gen.generate(shard, ids, mask, cfg, row_offset=0)
+        assert engine.released == (False, False)
+        assert engine.resident_bytes() == engine.weight_bytes + engine.cache_bytes
+    finally:
+        gen.config = CONFIG
+
+
 def test_sampling_streams_are_per_row(world: World) -> None:
-    ids, mask = _prompts()
+    ids, mask = prompts()
     shard = _shard(world)
     cfg = GenerationConfig(max_new_tokens=NEW, temperature=0.8, top_k=50, seed=5, pad_token_id=PAD)
     a = world.gen.generate(shard, ids, mask, cfg, row_offset=0)
