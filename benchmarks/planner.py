@@ -9,6 +9,11 @@ model, not measurements).
     python benchmarks/planner.py                 # all 15 settings, markdown table
     python benchmarks/planner.py --quick         # 7B and 70B/128 with 384 tokens only
     python benchmarks/planner.py --out bench-out # also timelines and a JSON of the results
+    python benchmarks/planner.py --quick --generation-backend auto  # generation may choose vLLM
+
+``--generation-backend auto`` lets each generate call choose the native generator or vLLM
+(docs/planner.md, "vLLM generation"; the default vLLM configuration: a 1 GiB KV cache per
+engine, eager); the per-call table writes a vLLM call's layout as ``vllm:d4t2p1@0-7``.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from lightning_real.planner.hardware import Cluster, get_profile
@@ -23,7 +29,7 @@ from lightning_real.planner.presets import llama2_spec
 from lightning_real.planner.search import SearchConfig, search
 from lightning_real.planner.simulate import SimResult
 from lightning_real.planner.timeline import plot_timeline
-from lightning_real.planner.workload import ppo_workload
+from lightning_real.planner.workload import GPU_FEATURES, ppo_workload
 
 SETTINGS: list[tuple[str, int]] = [("7b", 8), ("13b", 16), ("34b", 32), ("70b", 64), ("70b", 128)]
 GEN_LENS: tuple[int, ...] = (128, 384, 896)
@@ -36,6 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpu", default="h100", help="device profile (default h100)")
     ap.add_argument("--quick", action="store_true", help="only 7B/8 and 70B/128 with 384 generated tokens")
     ap.add_argument("--out", type=Path, default=None, help="folder for timelines and results.json")
+    ap.add_argument(
+        "--generation-backend",
+        choices=("native", "vllm", "auto"),
+        default="native",
+        help="engine of the generate call (default native; auto: the search chooses)",
+    )
     args = ap.parse_args(argv)
 
     hw = get_profile(args.gpu)
@@ -50,7 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     per_call: list[str] = []
     for size, n, gen in runs:
-        w = ppo_workload(llama2_spec(size), batch_size=512, prompt_len=128, gen_len=gen, ppo_minibatches=4)
+        features = replace(GPU_FEATURES, generation_backend=args.generation_backend)
+        w = ppo_workload(
+            llama2_spec(size),
+            batch_size=512,
+            prompt_len=128,
+            gen_len=gen,
+            ppo_minibatches=4,
+            features=features,
+        )
         cluster = Cluster(max(1, n // 8), min(8, n), hw)
         r = search(w, cluster, SearchConfig(steps=args.steps, seed=args.seed))
         sp = {k: r.speedup(k) for k in r.baselines}
@@ -65,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         per_call.append(
             f"| 4x{size} | {n} | {gen} | "
             + " | ".join(
-                f"{c}: {r.plan.layouts[c]} m{r.plan.microbatches[c]} {r.sim.costs[c].time:.2f}"
+                f"{c}: {'vllm:' if r.plan.backends.get(c) == 'vllm' else ''}{r.plan.layouts[c]} "
+                f"m{r.plan.microbatches[c]} {r.sim.costs[c].time:.2f}"
                 for c in w.names
             )
             + " |"
@@ -81,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                 speedup=sp,
                 plan=r.plan.to_strings(),
                 microbatches=r.plan.microbatches,
+                backends=dict(r.plan.backends),
                 start=r.start,
             )
         )

@@ -55,6 +55,13 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="override the recipe's batch size (prompts)")
     p.add_argument("--prompt-len", type=int, default=None, help="override the recipe's prompt length")
     p.add_argument("--gen-len", type=int, default=None, help="override the recipe's generation length")
+    p.add_argument(
+        "--generation-backend",
+        choices=("native", "vllm", "auto"),
+        default=None,
+        help="override the recipe's engine.generation_backend: native, vllm, or auto (the plan "
+        "chooses per generate call)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "--wandb", default=None, metavar="PROJECT", help="also log the timeline and times to this W&B project"
@@ -103,6 +110,12 @@ def _plan(args: argparse.Namespace) -> int:
             prompt_len=args.prompt_len,
             gen_len=args.gen_len,
         )
+        if args.generation_backend is not None:
+            from dataclasses import replace
+
+            workload = workload.with_features(
+                replace(workload.features, generation_backend=args.generation_backend)
+            )
         cluster = Cluster(args.nodes, args.gpus_per_node, hw)
         cfg = SearchConfig(steps=args.steps, seed=args.seed)
     except ValueError as e:
@@ -156,6 +169,8 @@ def _plan(args: argparse.Namespace) -> int:
     doc = {
         "layouts": result.plan.to_strings(),
         "microbatches": dict(result.plan.microbatches),
+        **({"recompute": dict(result.plan.recompute)} if result.plan.recompute else {}),
+        **({"backends": dict(result.plan.backends)} if result.plan.backends else {}),
         "predicted_iteration_s": round(result.sim.time, 4),
         "cluster": {"nodes": args.nodes, "gpus_per_node": args.gpus_per_node, "gpu": hw.name},
         "features": w.features.to_dict(),

@@ -52,6 +52,7 @@ def _plan(choice: dict[str, tuple[Mesh, Option]], name: str) -> Plan:
         {c: o.m for c, (mesh, o) in choice.items()},
         name,
         {c: o.recompute for c, (mesh, o) in choice.items() if o.recompute != "none"},
+        {c: o.backend for c, (mesh, o) in choice.items() if o.backend != "native"},
     )
 
 
@@ -101,7 +102,7 @@ def fit_plan(
 
 
 def _options(w: Workload, call: MFC, size: int, cluster: Cluster) -> tuple[Option, ...]:
-    return options(call, w.spec(call), size, cluster, w.features_of(call))
+    return options(call, w.spec(call), size, cluster, w.choices_of(call))
 
 
 def _on(

@@ -51,7 +51,7 @@ from lightning_real.features import REFERENCE
 from lightning_real.models.shard import ModelShard
 from lightning_real.models.spec import ModelSpec, tiny_spec
 from lightning_real.planner.cost import call_cost
-from lightning_real.planner.hardware import Cluster, HardwareProfile
+from lightning_real.planner.hardware import CPU_GLOO, H100, Cluster, HardwareProfile
 
 MM_SHAPE = (2048, 256, 1024)
 CALIBRATION_SPEC = tiny_spec("llama", num_layers=3, hidden_size=192, ffn_hidden_size=512, vocab_size=2048)
@@ -349,6 +349,11 @@ def calibrate(
         node_mem_bw=None if gpu else raw["node_mem_bw"],
         host_cores=None if gpu else os.cpu_count(),
         source=f"calibrated {stamp} on {platform.node() or 'this machine'}, {world_size} processes, {os.cpu_count()} cores",
+    )
+    # The vLLM terms are not measured here: those of the shipped profile of the same kind.
+    shipped = H100 if gpu else CPU_GLOO
+    hw = replace(
+        hw, **{f: getattr(shipped, f) for f in HardwareProfile.__dataclass_fields__ if f.startswith("vllm_")}
     )
     if not gpu:
         solved = backend_elementwise_rates(

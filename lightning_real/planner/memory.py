@@ -8,7 +8,9 @@ parameters, gradients and Adam moments; 'bf16-mixed' bf16 parameters with fp32 m
 an fp32 master copy and fp32 moments; 'bf16-true' everything in bf16. With the distributed
 optimizer the optimizer states are split over the data-parallel group; SDPA attention stores
 no score matrices, megatron-core's local attention does; training uses 1F1B, so pipeline stage
-``i`` holds ``min(m, pp - i)`` microbatches of activations.
+``i`` holds ``min(m, pp - i)`` microbatches of activations. A generate call on the vLLM backend
+holds the call shard, the engine's weights and its whole KV-cache budget, and the log-prob
+forward's working set; the engine stays resident between calls unless ``VllmConfig.release``.
 """
 
 from __future__ import annotations
@@ -42,11 +44,24 @@ class MemoryBreakdown:
     """Keys and values of every generated sequence (generate calls)."""
     logits: float
     """Logits of a microbatch (and their gradient when training)."""
+    engine: float = 0.0
+    """Weights of a vLLM engine (generate calls on the ``vllm`` backend; its KV cache is ``kv_cache``)."""
+    engine_kept: bool = False
+    """Whether the vLLM engine's weights and KV cache stay on the device between calls
+    (``VllmConfig.release`` false): then they are :attr:`kept`, not :attr:`transient`."""
 
     @property
     def total(self) -> float:
         """All of the above."""
-        return self.params + self.grads + self.optimizer + self.activations + self.kv_cache + self.logits
+        return (
+            self.params
+            + self.grads
+            + self.optimizer
+            + self.activations
+            + self.kv_cache
+            + self.logits
+            + self.engine
+        )
 
     @property
     def states(self) -> float:
@@ -55,15 +70,21 @@ class MemoryBreakdown:
         return self.params + self.optimizer
 
     @property
+    def kept(self) -> float:
+        """What a vLLM engine that is not released keeps on the device between calls, whichever
+        call runs there: its weights and KV cache (0 otherwise)."""
+        return self.engine + self.kv_cache if self.engine_kept else 0.0
+
+    @property
     def transient(self) -> float:
         """What exists only while the call runs."""
-        return self.grads + self.activations + self.kv_cache + self.logits
+        return self.grads + self.activations + self.kv_cache + self.logits + self.engine - self.kept
 
     def describe(self) -> str:
         """'params 13.5 GB + grads ... = total' for reasons and reports."""
         parts = [
             (n, getattr(self, n))
-            for n in ("params", "grads", "optimizer", "activations", "kv_cache", "logits")
+            for n in ("params", "grads", "optimizer", "activations", "kv_cache", "logits", "engine")
             if getattr(self, n) > 0
         ]
         return " + ".join(f"{n} {fmt_bytes(v)}" for n, v in parts) + f" = {fmt_bytes(self.total)}"
@@ -128,6 +149,29 @@ the log-softmax saves, their gradient): the slope of the measured peak against t
 (``benchmarks/engine.py --only memory``, vocab 8192 against 16384)."""
 
 
+def vllm_block_tokens(features: RuntimeFeatures, default_block: int) -> int:
+    """Tokens per KV-cache block of the vLLM engines: the features' ``block_size``, else the
+    device's default (``HardwareProfile.vllm_block_size``)."""
+    return features.vllm.block_size or default_block
+
+
+def vllm_kv_bytes_per_row(call: MFC, spec: ModelSpec, tp: int, features: RuntimeFeatures, block: int) -> int:
+    """KV-cache bytes one sequence of ``call`` takes on one engine rank at its full length
+    (prompt + response, rounded up to whole blocks of ``block`` tokens): keys and values of
+    every layer, the key/value heads split over the replica's ``tp`` ranks, in the working dtype."""
+    tokens = -(-call.seq_len // block) * block
+    heads = spec.num_kv_heads // tp if spec.num_kv_heads % tp == 0 else -(-spec.num_kv_heads // tp)
+    return tokens * spec.num_layers * 2 * heads * spec.head_dim * features.param_bytes
+
+
+def vllm_rows_fit(call: MFC, spec: ModelSpec, dp: int, tp: int, features: RuntimeFeatures, block: int) -> int:
+    """Sequences one vLLM engine generates at once: the replica's rows, at most ``max_num_seqs``,
+    at most what its KV cache holds at full length (0: not even one sequence fits)."""
+    rows = -(-call.batch_size // dp)
+    per_row = vllm_kv_bytes_per_row(call, spec, tp, features, block)
+    return min(rows, features.vllm.max_num_seqs, features.vllm.kv_cache_bytes // per_row)
+
+
 def call_memory(
     call: MFC, spec: ModelSpec, dp: int, tp: int, pp: int, m: int, features: RuntimeFeatures
 ) -> MemoryBreakdown:
@@ -156,6 +200,32 @@ def call_memory(
         """Bytes of one sequence's attention probabilities in one layer (none when flash-style)."""
         return 0.0 if flash_attention else spec.num_heads / tp * seq * seq * LOGIT_BYTES
 
+    if call.call_type == "generate" and features.generation_backend == "vllm":
+        if pp != 1:
+            raise ValueError(
+                f"{call.name}: the vllm generation backend runs no pipeline parallelism (pp={pp}); "
+                "allowed: a dNtTp1 layout, or generation_backend native"
+            )
+        rows = rep_batch
+        # The call shard's own copy (it recomputes the response log-probs), the engine's weights
+        # (the same split over the replica's tp ranks) and the engine's whole KV-cache budget,
+        # allocated up front. Working sets: the engine's prefill over the rows it holds at once,
+        # then the log-prob forward over all of the replica's rows (one forward, as inference).
+        params = per_stage[0] * dtype_bytes
+        held = max(1, min(rows, features.vllm.max_num_seqs))
+        prefill = held * (call.prompt_len * act_layer + scores(call.prompt_len))
+        recompute = rows * (call.seq_len * act_layer + scores(call.seq_len))
+        logits = 2 * rows * call.seq_len * vocab * LOGIT_BYTES
+        return MemoryBreakdown(
+            params,
+            0.0,
+            0.0,
+            max(prefill, recompute),
+            float(features.vllm.kv_cache_bytes),
+            logits,
+            engine=params,
+            engine_kept=not features.vllm.release,
+        )
     best: MemoryBreakdown | None = None
     for stage in range(pp):
         params = per_stage[stage] * dtype_bytes

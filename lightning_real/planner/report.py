@@ -17,8 +17,25 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
+def engine_of(plan: Plan, call: str, sim: SimResult) -> str:
+    """'native' or 'vllm' for a generate call (the plan's choice, else how it was priced), '-' else."""
+    if call in plan.backends:
+        return plan.backends[call]
+    parts = sim.costs[call].parts
+    if "weight_update" in parts:  # priced as a vLLM call (the features fix the backend)
+        return "vllm"
+    return "native" if "step_overhead" in parts else "-"
+
+
+def layout_label(plan: Plan, call: str) -> str:
+    """The call's layout string, prefixed ``vllm:`` when the plan runs it on the vLLM backend."""
+    lay = str(plan.layouts[call])
+    return f"vllm:{lay}" if plan.backends.get(call) == "vllm" else lay
+
+
 def plan_table(plan: Plan, sim: SimResult, usable_bytes: float) -> str:
-    """One row per call: devices, degrees, microbatches, predicted time and span, peak memory."""
+    """One row per call: devices, degrees, microbatches, generation engine, predicted time and
+    span, peak memory."""
     spans = {e.call: (e.start, e.end) for e in sim.events if e.kind == "call"}
     moves = {e.call: e.end - e.start for e in sim.events if e.kind == "realloc"}
     rows = []
@@ -30,13 +47,14 @@ def plan_table(plan: Plan, sim: SimResult, usable_bytes: float) -> str:
                 format_ranks(lay.ranks or ()),
                 f"{lay.dp}/{lay.tp}/{lay.pp}",
                 str(plan.microbatches[call]),
+                engine_of(plan, call, sim),
                 f"{sim.costs[call].time:.3f}",
                 f"{start:.2f}-{end:.2f}",
                 f"{moves[call]:.3f}" if call in moves else "-",
                 f"{fmt_bytes(sim.peak_mem.get(call, sim.costs[call].memory.total))} / {fmt_bytes(usable_bytes)}",
             ]
         )
-    header = ["call", "devices", "dp/tp/pp", "mbs", "time (s)", "span (s)", "realloc (s)", "memory"]
+    header = ["call", "devices", "dp/tp/pp", "mbs", "engine", "time (s)", "span (s)", "realloc (s)", "memory"]
     return _table(header, rows)
 
 
@@ -53,7 +71,7 @@ def comparison_table(result: SearchResult) -> str:
                 name,
                 f"{res.time:.3f}",
                 f"{sp:.2f}x",
-                " ".join(f"{k}={v}" for k, v in plan.to_strings().items()),
+                " ".join(f"{k}={layout_label(plan, k)}" for k in plan.layouts),
             ]
         )
     return _table(["plan", "iteration (s)", "search speedup", "notes"], rows)

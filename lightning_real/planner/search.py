@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from lightning_real.planner.baselines import BASELINES, baseline
 from lightning_real.planner.hardware import Cluster
 from lightning_real.planner.simulate import SimResult, simulate
-from lightning_real.planner.space import Mesh, Option, meshes, options
+from lightning_real.planner.space import Mesh, Option, meshes, no_vllm_option_why, options
 from lightning_real.planner.workload import Workload
 from lightning_real.plans import Plan
 
@@ -102,19 +102,28 @@ class _Space:
         # Sizes on which each call fits at all.
         self.fit_sizes = {
             c.name: [
-                s for s in self.sizes if options(c, workload.spec(c), s, cluster, workload.features_of(c))
+                s for s in self.sizes if options(c, workload.spec(c), s, cluster, workload.choices_of(c))
             ]
             for c in workload.calls
         }
         for c in workload.calls:
             if not self.fit_sizes[c.name]:
+                f = workload.choices_of(c)
+                if c.call_type == "generate" and f.generation_backend == "vllm":
+                    why = no_vllm_option_why(c, workload.spec(c), cluster, f)
+                    raise ValueError(
+                        f"{c.name}: generation_backend=vllm needs a dNtTp1 layout over all "
+                        f"{cluster.n_devices} devices of the cluster (one engine per replica, no "
+                        f"pipeline, the whole world), and none fits: {why}; allowed: "
+                        "generation_backend native or auto, a larger vllm.kv_cache_bytes, or more devices"
+                    )
                 raise ValueError(
                     f"{c.name} fits on no device mesh of this cluster; try more or larger devices"
                 )
 
     def opts(self, call: str, size: int) -> tuple[Option, ...]:
         w = self.workload
-        return options(w.call(call), w.spec(call), size, self.cluster, w.features_of(call))
+        return options(w.call(call), w.spec(call), size, self.cluster, w.choices_of(call))
 
     def random_mesh(self, call: str, rng: random.Random) -> Mesh:
         size = rng.choice(self.fit_sizes[call])
@@ -127,17 +136,20 @@ class _Space:
 
     def same_strategy(self, call: str, size: int, o: Option, rng: random.Random) -> Option:
         opts = self.opts(call, size)
-        same = [
-            x for x in opts if (x.dp, x.tp, x.pp, x.m, x.recompute) == (o.dp, o.tp, o.pp, o.m, o.recompute)
-        ]
+        same = [x for x in opts if _key(x) == _key(o)]
         return same[0] if same else rng.choice(opts)
+
+
+def _key(o: Option) -> tuple[int, int, int, int, str, str]:
+    """What a plan records of an option (its cost follows from it and the mesh size)."""
+    return (o.dp, o.tp, o.pp, o.m, o.recompute, o.backend)
 
 
 def _distance(a: Option, b: Option) -> int:
     """Number of factor-of-two steps between two options' degrees and microbatches."""
     return sum(
         abs(round(math.log2(x / y))) for x, y in ((a.dp, b.dp), (a.tp, b.tp), (a.pp, b.pp), (a.m, b.m))
-    )
+    ) + (a.backend != b.backend)
 
 
 def _to_plan(state: State, name: str) -> Plan:
@@ -146,6 +158,7 @@ def _to_plan(state: State, name: str) -> Plan:
         {c: o.m for c, (mesh, o) in state.items()},
         name,
         {c: o.recompute for c, (mesh, o) in state.items() if o.recompute != "none"},
+        {c: o.backend for c, (mesh, o) in state.items() if o.backend != "native"},
     )
 
 
@@ -157,8 +170,15 @@ def _from_plan(plan: Plan, space: _Space) -> State:
         o = next(
             x
             for x in space.opts(c, mesh.size)
-            if (x.dp, x.tp, x.pp, x.m, x.recompute)
-            == (lay.dp, lay.tp, lay.pp, plan.microbatches[c], plan.recompute.get(c, "none"))
+            if _key(x)
+            == (
+                lay.dp,
+                lay.tp,
+                lay.pp,
+                plan.microbatches[c],
+                plan.recompute.get(c, "none"),
+                plan.backends.get(c, "native"),
+            )
         )
         state[c] = (mesh, o)
     return state
@@ -200,11 +220,7 @@ def _polish(
                 if other == mesh or other.size not in space.fit_sizes[call]:
                     continue
                 opts = space.opts(call, other.size)
-                same = [
-                    y
-                    for y in opts
-                    if (y.dp, y.tp, y.pp, y.m, y.recompute) == (o.dp, o.tp, o.pp, o.m, o.recompute)
-                ]
+                same = [y for y in opts if _key(y) == _key(o)]
                 moves += [(other, y) for y in [opts[0], *same[:1]]]
             for move in moves:
                 if move == state[call]:

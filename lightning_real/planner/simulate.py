@@ -12,6 +12,9 @@ parameters from home; the move occupies the devices of both layouts and may star
 they are free and the parameters are current (after the model's last train call), before the
 call's inputs are ready. Each iteration is simulated on its own (nothing overlaps across
 iterations). A plan whose memory does not fit on some device is rejected with the reason.
+A generate call on the vLLM backend must run ``dNtTp1`` over every device (the runtime's rule;
+a plan that breaks it raises), in one microbatch; an engine that is not released keeps its
+weights and KV cache on its devices all iteration.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from lightning_real.layout import Layout
 from lightning_real.planner.cost import CallCost, call_cost
 from lightning_real.planner.hardware import Cluster
 from lightning_real.planner.memory import fmt_bytes
+from lightning_real.planner.space import vllm_unavailable
 from lightning_real.planner.transfer import data_move_time, realloc_time
 from lightning_real.planner.workload import Workload
 from lightning_real.plans import Plan
@@ -126,7 +130,15 @@ def simulate(workload: Workload, plan: Plan, cluster: Cluster, check_memory: boo
     for c in workload.calls:
         lay = plan.layouts[c.name]
         m = plan.n_mbs(workload.graph, c.name)
-        feats = workload.features_of(c, plan.recompute.get(c.name))
+        feats = workload.features_of(c, plan.recompute.get(c.name), plan.backends.get(c.name))
+        if c.call_type == "generate" and feats.generation_backend == "vllm":
+            why = vllm_unavailable(c, workload.spec(c), lay.size, lay.pp, cluster)
+            if why is not None:
+                raise ValueError(
+                    f"plan {plan.name}: {c.name} runs on the vllm backend on {lay}: {why}; "
+                    "allowed: a dNtTp1 layout over every device, or the native backend"
+                )
+            m = 1  # continuous batching: the plan's rounds do not split the rows
         costs[c.name] = call_cost(c, workload.spec(c), lay.dp, lay.tp, lay.pp, m, cluster, feats)
 
     peak: dict[str, float] = {}
@@ -135,6 +147,9 @@ def simulate(workload: Workload, plan: Plan, cluster: Cluster, check_memory: boo
         resident = np.zeros(n)
         for cname in home_call.values():
             resident[_span(plan.layouts[cname])] += costs[cname].memory.states
+        for c in workload.calls:
+            # a vLLM engine that is not released keeps its weights and KV cache all iteration
+            resident[_span(plan.layouts[c.name])] += costs[c.name].memory.kept
         for c in workload.calls:
             lay = plan.layouts[c.name]
             mem = costs[c.name].memory

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from lightning_real.dataflow import MFC
-from lightning_real.features import Recompute, RuntimeFeatures
+from lightning_real.features import GenerationBackend, Recompute, RuntimeFeatures
 from lightning_real.layout import Layout
 from lightning_real.models.spec import ModelSpec
 from lightning_real.planner.cost import CallCost, call_cost
@@ -58,6 +58,8 @@ class Option:
     """Time and memory under this strategy."""
     recompute: str = "none"
     """Activation recomputation of a train call (a choice when the features say 'auto')."""
+    backend: str = "native"
+    """Engine of a generate call, 'native' or 'vllm' (a choice when the features say 'auto')."""
 
     def layout(self, mesh: Mesh) -> Layout:
         """This strategy placed on ``mesh``."""
@@ -116,6 +118,37 @@ def microbatch_choices(call: MFC, dp: int, pp: int) -> list[int]:
     return [m for m in MICROBATCH_CHOICES if m <= per_step]
 
 
+def backend_choices(call: MFC, features: RuntimeFeatures) -> tuple[GenerationBackend, ...]:
+    """Generation engines a call may run on: both for a generate call whose features say
+    'auto', else the one they name ('native' for calls that generate nothing)."""
+    if call.call_type != "generate":
+        return ("native",)
+    if features.generation_backend == "auto":
+        return ("native", "vllm")
+    return (features.generation_backend,)
+
+
+def vllm_unavailable(call: MFC, spec: ModelSpec, n: int, pp: int, cluster: Cluster) -> str | None:
+    """Why the vllm backend cannot run ``call`` on ``n`` devices with ``pp`` stages (None: it can).
+
+    The runtime's rules (``runtime/vllm_generation.py``, ``check_vllm_layout``): one engine per
+    data-parallel replica, tensor-parallel over its ranks, no pipeline parallelism, and a layout
+    over every rank of the world (an in-process engine adopts the whole torch.distributed world).
+    """
+    if pp != 1:
+        return f"pp={pp}: vLLM engines run no pipeline parallelism"
+    if n != cluster.n_devices:
+        return f"{n} of the {cluster.n_devices} devices: a vLLM generate call spans the whole world"
+    if spec.head != "lm":
+        return f"a {spec.head!r} head: vLLM generates from 'lm' heads"
+    return None
+
+
+def _vllm_too_long(call: MFC, spec: ModelSpec, features: RuntimeFeatures) -> bool:
+    limit = features.vllm.max_model_len or spec.max_position_embeddings
+    return call.seq_len > limit
+
+
 @lru_cache(maxsize=4096)
 def options(
     call: MFC, spec: ModelSpec, n: int, cluster: Cluster, features: RuntimeFeatures
@@ -124,24 +157,59 @@ def options(
     own under ``features``, fastest first.
 
     "On its own" counts the call's full memory (parameters included), the case of a call that
-    does not run at its model's home; the simulator checks the whole plan.
+    does not run at its model's home; the simulator checks the whole plan. Where the features
+    leave a choice to the plan ('auto'), every choice is an option of its own: recomputation of
+    train calls, the engine of generate calls (vLLM options: ``dNtTp1`` over all ``n`` devices
+    of the cluster only, one microbatch: continuous batching does not take the plan's rounds).
     """
     usable = cluster.hw.usable_mem
     choices: tuple[Recompute, ...] = (
         ("none", "selective", "full") if features.recompute == "auto" else (features.recompute,)
     )
+    engines = backend_choices(call, features)
     out = []
     for dp, tp, pp in strategies(call, spec, n, cluster.gpus_per_node):
-        rounds = 0
-        for m in microbatch_choices(call, dp, pp):
-            if call.call_type == "generate" and rounds == GENERATE_ROUNDS:
-                break  # more rounds are only slower: the fewest that fit (and two more) suffice
-            for rc in choices:
-                f = replace(features, recompute=rc)
-                # Memory is cheap to price, time is not: skip what cannot fit first.
-                if call_memory(call, spec, dp, tp, pp, m, f).total > usable:
-                    continue
-                out.append(Option(dp, tp, pp, m, call_cost(call, spec, dp, tp, pp, m, cluster, f), rc))
-                rounds += 1
+        if "native" in engines:
+            native = replace(features, generation_backend="native")
+            rounds = 0
+            for m in microbatch_choices(call, dp, pp):
+                if call.call_type == "generate" and rounds == GENERATE_ROUNDS:
+                    break  # more rounds are only slower: the fewest that fit (and two more) suffice
+                for rc in choices:
+                    f = replace(native, recompute=rc)
+                    # Memory is cheap to price, time is not: skip what cannot fit first.
+                    if call_memory(call, spec, dp, tp, pp, m, f).total > usable:
+                        continue
+                    out.append(Option(dp, tp, pp, m, call_cost(call, spec, dp, tp, pp, m, cluster, f), rc))
+                    rounds += 1
+        if "vllm" in engines and vllm_unavailable(call, spec, n, pp, cluster) is None:
+            f = replace(features, generation_backend="vllm")
+            if _vllm_too_long(call, spec, f) or call_memory(call, spec, dp, tp, pp, 1, f).total > usable:
+                continue
+            cost = call_cost(call, spec, dp, tp, pp, 1, cluster, f)
+            if cost.time < float("inf"):  # not one sequence's KV cache fits: not an option
+                out.append(Option(dp, tp, pp, 1, cost, f.recompute, "vllm"))
     out.sort(key=lambda o: (o.cost.time, o.cost.memory.total))
     return tuple(out)
+
+
+def no_vllm_option_why(call: MFC, spec: ModelSpec, cluster: Cluster, features: RuntimeFeatures) -> str:
+    """Why a generate call fixed to the vllm backend has no option on this cluster (for errors)."""
+    n = cluster.n_devices
+    f = replace(features, generation_backend="vllm")
+    if _vllm_too_long(call, spec, f):
+        limit = f.vllm.max_model_len or spec.max_position_embeddings
+        return f"its {call.seq_len} tokens per sequence exceed the engine's max_model_len {limit}"
+    flat = [s for s in strategies(call, spec, n, cluster.gpus_per_node) if s[2] == 1]
+    if not flat:
+        return f"no dNtTp1 strategy over all {n} devices suits the call (dp must split its batch)"
+    reasons = []
+    for dp, tp, pp in flat:
+        mem = call_memory(call, spec, dp, tp, pp, 1, f)
+        if mem.total > cluster.hw.usable_mem:
+            reasons.append(f"d{dp}t{tp}p1 needs {mem.describe()}")
+        else:
+            reasons.append(
+                f"d{dp}t{tp}p1: not one sequence's KV cache fits vllm.kv_cache_bytes={f.vllm.kv_cache_bytes}"
+            )
+    return "; ".join(reasons)

@@ -87,7 +87,13 @@ def plot_timeline(
     ax.set_xlim(0, total * 1.01)
     ax.set_xlabel("time in the iteration (s)")
     ax.grid(axis="x", ls=":", alpha=0.5)
-    handles = [Patch(color=color[c], label=f"{c}: {plan.layouts[c]} m={plan.microbatches[c]}") for c in order]
+    handles = [
+        Patch(
+            color=color[c],
+            label=f"{c}: {'vllm:' if plan.backends.get(c) == 'vllm' else ''}{plan.layouts[c]} m={plan.microbatches[c]}",
+        )
+        for c in order
+    ]
     if any(e.kind == "realloc" for e in sim.events):
         handles.append(
             Patch(facecolor="#BBBBBB", edgecolor="#555555", hatch="///", label="parameter reallocation")

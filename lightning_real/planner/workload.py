@@ -9,7 +9,7 @@ There is no second description of a call or of an algorithm's graph.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from lightning_real.dataflow import MFC, DataflowGraph
@@ -34,7 +34,7 @@ class Workload:
     """Precision, optimizer sharding, attention, recomputation, generation backend, offload."""
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     """Free-form description (recipe name, sizes) for reports."""
-    _features: dict[tuple[str, str | None], RuntimeFeatures] = field(
+    _features: dict[tuple[str, str | None, str | None], RuntimeFeatures] = field(
         default_factory=dict, init=False, repr=False, compare=False, hash=False
     )
 
@@ -78,13 +78,32 @@ class Workload:
         """Role -> the call whose layout is its home (the runtime's rule)."""
         return self.graph.home_calls()
 
-    def features_of(self, call: MFC | str, recompute: str | None = None) -> RuntimeFeatures:
+    def features_of(
+        self, call: MFC | str, recompute: str | None = None, backend: str | None = None
+    ) -> RuntimeFeatures:
         """The features ``call`` is priced with (its role's precision; recomputation in train
-        calls, ``recompute`` being the plan's choice when the features leave it to the plan)."""
+        calls and the generation backend of generate calls, ``recompute`` and ``backend`` being
+        the plan's choices when the features leave them to the plan)."""
         c = self.call(call) if isinstance(call, str) else call
-        key = (c.name, recompute)
+        key = (c.name, recompute, backend)
         if key not in self._features:  # the search asks for the same ones many thousand times
-            self._features[key] = self.features.for_call(c.role, c.call_type, recompute)
+            self._features[key] = self.features.for_call(c.role, c.call_type, recompute, backend)
+        return self._features[key]
+
+    def choices_of(self, call: MFC | str) -> RuntimeFeatures:
+        """The features the search prices ``call``'s options with: :meth:`features_of`, with
+        ``'auto'`` left where the features leave a choice of this call to the plan
+        (recomputation of a train call, the backend of a generate call); the options then
+        carry the choice (:func:`~lightning_real.planner.space.options`)."""
+        c = self.call(call) if isinstance(call, str) else call
+        key = (c.name, "?", "?")
+        if key not in self._features:
+            f = self.features_of(c)
+            if c.call_type == "train" and self.features.recompute == "auto":
+                f = replace(f, recompute="auto")
+            if c.call_type == "generate" and self.features.generation_backend == "auto":
+                f = replace(f, generation_backend="auto")
+            self._features[key] = f
         return self._features[key]
 
     def with_features(self, features: RuntimeFeatures) -> Workload:
