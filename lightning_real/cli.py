@@ -62,7 +62,11 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
         help="override the recipe's engine.generation_backend: native, vllm, or auto (the plan "
         "chooses per generate call)",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar (none either when stderr is not a terminal)",
+    )
     p.add_argument(
         "--wandb", default=None, metavar="PROJECT", help="also log the timeline and times to this W&B project"
     )
@@ -130,7 +134,9 @@ def _plan(args: argparse.Namespace) -> int:
     if not args.no_progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=args.steps, desc="search", unit="step", file=sys.stderr, leave=False)
+        # disable=None: no bar when stderr is not a terminal (CI logs, files), which would get a
+        # line per refresh.
+        bar = tqdm(total=args.steps, desc="search", unit="step", file=sys.stderr, leave=False, disable=None)
 
         def progress(step: int, total: int, best: float) -> None:
             bar.n = step
