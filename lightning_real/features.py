@@ -41,6 +41,20 @@ class FeatureError(ValueError):
     """A feature value the runtime cannot run: the message names the option and the allowed values."""
 
 
+def _check_int(label: str, value: object, low: int, nullable: bool = False) -> None:
+    """Refuse ``value`` unless it is an integer >= ``low`` (or None, when ``nullable``)."""
+    if value is None and nullable:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        allowed = f"null or an integer >= {low}" if nullable else f"an integer >= {low}"
+        raise FeatureError(f"{label}={value!r}; allowed: {allowed}")
+
+
+def _check_bool(label: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise FeatureError(f"{label}={value!r}; allowed: true, false")
+
+
 @dataclass(frozen=True)
 class VllmConfig:
     """How the ``vllm`` generation backend starts and keeps its engines (a recipe's ``engine.vllm``)."""
@@ -63,24 +77,20 @@ class VllmConfig:
     release: bool = True
     """Release the engine's weights and KV cache while other calls run on its devices and
     restore them for the next generate call, weights first, cache second (vLLM's sleep mode
-    where the platform has it; on CPU only the KV cache, whose storage is freed)."""
+    where the platform has it; on CPU the storages of the parameters and of the KV cache are
+    freed, vLLM's packed copies of its linear weights stay)."""
 
     def __post_init__(self) -> None:
-        if self.max_model_len is not None and (
-            not isinstance(self.max_model_len, int) or isinstance(self.max_model_len, bool) or self.max_model_len < 2
-        ):
-            raise FeatureError(f"VllmConfig.max_model_len={self.max_model_len!r}; allowed: null or an integer >= 2")
-        for name in ("max_num_seqs", "kv_cache_bytes"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise FeatureError(f"VllmConfig.{name}={v!r}; allowed: an integer >= 1")
-        if self.block_size is not None and (
-            not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or self.block_size < 1
-        ):
-            raise FeatureError(f"VllmConfig.block_size={self.block_size!r}; allowed: null or an integer >= 1")
-        for name in ("enforce_eager", "release"):
-            if not isinstance(getattr(self, name), bool):
-                raise FeatureError(f"VllmConfig.{name}={getattr(self, name)!r}; allowed: true, false")
+        _check_int("VllmConfig.max_model_len", self.max_model_len, 2, nullable=True)
+        _check_int("VllmConfig.max_num_seqs", self.max_num_seqs, 1)
+        _check_int("VllmConfig.kv_cache_bytes", self.kv_cache_bytes, 1)
+        _check_int("VllmConfig.block_size", self.block_size, 1, nullable=True)
+        _check_bool("VllmConfig.enforce_eager", self.enforce_eager)
+        _check_bool("VllmConfig.release", self.release)
+
+    def model_len(self, max_position_embeddings: int) -> int:
+        """Longest prompt + response the engine serves for a model of this many positions."""
+        return self.max_model_len or max_position_embeddings
 
 
 @dataclass(frozen=True)
@@ -144,14 +154,8 @@ class RuntimeFeatures:
             v = getattr(self, name)
             if v not in values:
                 raise FeatureError(f"{name}={v!r}; allowed: {', '.join(values)}")
-        if not isinstance(self.offload_idle, bool):
-            raise FeatureError(f"offload_idle={self.offload_idle!r}; allowed: true, false")
-        if self.token_budget is not None and (
-            not isinstance(self.token_budget, int)
-            or isinstance(self.token_budget, bool)
-            or self.token_budget < 1
-        ):
-            raise FeatureError(f"token_budget={self.token_budget!r}; allowed: null or an integer >= 1")
+        _check_bool("offload_idle", self.offload_idle)
+        _check_int("token_budget", self.token_budget, 1, nullable=True)
         for role in ROLES:
             v = getattr(self, f"{role}_precision")
             if v is not None and v not in PRECISIONS:

@@ -144,11 +144,6 @@ def vllm_unavailable(call: MFC, spec: ModelSpec, n: int, pp: int, cluster: Clust
     return None
 
 
-def _vllm_too_long(call: MFC, spec: ModelSpec, features: RuntimeFeatures) -> bool:
-    limit = features.vllm.max_model_len or spec.max_position_embeddings
-    return call.seq_len > limit
-
-
 @lru_cache(maxsize=4096)
 def options(
     call: MFC, spec: ModelSpec, n: int, cluster: Cluster, features: RuntimeFeatures
@@ -167,10 +162,12 @@ def options(
         ("none", "selective", "full") if features.recompute == "auto" else (features.recompute,)
     )
     engines = backend_choices(call, features)
+    native = replace(features, generation_backend="native")
+    on_vllm = replace(features, generation_backend="vllm")
+    vllm_fits = "vllm" in engines and call.seq_len <= features.vllm.model_len(spec.max_position_embeddings)
     out = []
     for dp, tp, pp in strategies(call, spec, n, cluster.gpus_per_node):
         if "native" in engines:
-            native = replace(features, generation_backend="native")
             rounds = 0
             for m in microbatch_choices(call, dp, pp):
                 if call.call_type == "generate" and rounds == GENERATE_ROUNDS:
@@ -182,13 +179,12 @@ def options(
                         continue
                     out.append(Option(dp, tp, pp, m, call_cost(call, spec, dp, tp, pp, m, cluster, f), rc))
                     rounds += 1
-        if "vllm" in engines and vllm_unavailable(call, spec, n, pp, cluster) is None:
-            f = replace(features, generation_backend="vllm")
-            if _vllm_too_long(call, spec, f) or call_memory(call, spec, dp, tp, pp, 1, f).total > usable:
+        if vllm_fits and vllm_unavailable(call, spec, n, pp, cluster) is None:
+            if call_memory(call, spec, dp, tp, pp, 1, on_vllm).total > usable:
                 continue
-            cost = call_cost(call, spec, dp, tp, pp, 1, cluster, f)
+            cost = call_cost(call, spec, dp, tp, pp, 1, cluster, on_vllm)
             if cost.time < float("inf"):  # not one sequence's KV cache fits: not an option
-                out.append(Option(dp, tp, pp, 1, cost, f.recompute, "vllm"))
+                out.append(Option(dp, tp, pp, 1, cost, on_vllm.recompute, "vllm"))
     out.sort(key=lambda o: (o.cost.time, o.cost.memory.total))
     return tuple(out)
 
@@ -197,8 +193,8 @@ def no_vllm_option_why(call: MFC, spec: ModelSpec, cluster: Cluster, features: R
     """Why a generate call fixed to the vllm backend has no option on this cluster (for errors)."""
     n = cluster.n_devices
     f = replace(features, generation_backend="vllm")
-    if _vllm_too_long(call, spec, f):
-        limit = f.vllm.max_model_len or spec.max_position_embeddings
+    limit = f.vllm.model_len(spec.max_position_embeddings)
+    if call.seq_len > limit:
         return f"its {call.seq_len} tokens per sequence exceed the engine's max_model_len {limit}"
     flat = [s for s in strategies(call, spec, n, cluster.gpus_per_node) if s[2] == 1]
     if not flat:

@@ -184,7 +184,7 @@ class VllmEngine:
         import_vllm()
         from vllm.entrypoints.llm import LLM
 
-        max_len = self.config.max_model_len or spec.max_position_embeddings
+        max_len = self.config.model_len(spec.max_position_embeddings)
         # vLLM's sleep mode (CUDA/ROCm/XPU) frees weights and cache through its own allocator; it
         # must be switched on when the engine starts. CPU has none: storages are freed here.
         self.sleep_mode = self.config.release and _sleep_available()
@@ -256,44 +256,43 @@ class VllmEngine:
         """
         if self.released == (True, True):
             return 0
-        freed = self.resident_bytes()
         if self.sleep_mode:
+            freed = self.resident_bytes()
             self.llm.sleep(level=2)
         else:
+            freed = 0
             for kept, storages in zip(self._kept, self._storage_lists(), strict=True):
                 for st in storages:
                     if st.nbytes():
                         kept.append((st, st.nbytes()))
+                        freed += st.nbytes()
                         st.resize_(0)
         self.released = (True, True)
         return freed
 
     def restore_weights(self) -> None:
         """Give the parameters their memory back (contents undefined until the next update)."""
-        if not self.released[0]:
-            return
-        if self.sleep_mode:
-            self.llm.wake_up(tags=["weights"])
-        else:
-            self._regrow(self._kept[0])
-        self.released = (False, self.released[1])
+        self._restore(0, "weights")
 
     def restore_cache(self) -> None:
         """Give the KV cache its memory back (after the weights: it is the larger one)."""
-        if not self.released[1]:
-            return
-        if self.sleep_mode:
-            self.llm.wake_up(tags=["kv_cache"])
-        else:
-            self._regrow(self._kept[1])
-        self.llm.reset_prefix_cache()
-        self.released = (self.released[0], False)
+        if self._restore(1, "kv_cache"):
+            self.llm.reset_prefix_cache()
 
-    @staticmethod
-    def _regrow(kept: list[tuple[torch.UntypedStorage, int]]) -> None:
-        for st, n in kept:
-            st.resize_(n)
-        kept.clear()
+    def _restore(self, part: int, tag: str) -> bool:
+        """Bring back part ``part`` of :attr:`released` (vLLM's sleep tag ``tag``); whether it was
+        released."""
+        if not self.released[part]:
+            return False
+        if self.sleep_mode:
+            self.llm.wake_up(tags=[tag])
+        else:
+            for st, n in self._kept[part]:
+                st.resize_(n)
+            self._kept[part].clear()
+        w, c = self.released
+        self.released = (False, c) if part == 0 else (w, False)
+        return True
 
     def tp_placement(self) -> tuple[int, tuple[int, ...]]:
         """(vLLM's tensor-parallel rank of this process, the global ranks of its group)."""
