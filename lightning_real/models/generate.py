@@ -1,8 +1,9 @@
 """Batched autoregressive generation with a KV cache under any tensor/pipeline layout.
 
 Each data-parallel replica generates for the rows it is given. The prompt is run once
-(prefill), then one token per step is decoded against megatron-core's static KV cache
-(``StaticInferenceContext``): every stage keeps the keys and values of its own layers.
+(prefill), then one token per step is decoded against a KV cache
+(:class:`lightning_real.models.decode.StageDecoder`): every stage keeps the keys and values of
+its own layers.
 Hidden states go stage to stage with point-to-point messages, the last stage samples, and
 the sampled tokens are broadcast over the pipeline group so the first stage can embed them
 and every stage agrees on when all rows have finished.
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from lightning_real.models.decode import StageDecoder
 from lightning_real.models.forward import attention_mask_4d, position_ids
 from lightning_real.models.shard import ModelShard
 
@@ -263,43 +265,6 @@ class VocabParallelSampler:
         return sums[0] - sums[1].log()
 
 
-# ---- pipeline step --------------------------------------------------------------------------------
-class _StageRunner:
-    """One forward of this rank's stage with the KV cache; hidden states go stage to stage."""
-
-    def __init__(self, shard: ModelShard, batch: int, max_len: int) -> None:
-        from megatron.core.inference.contexts import StaticInferenceContext
-
-        g, lay = shard.groups, shard.layout
-        assert shard.module is not None, "only the layout's ranks generate"
-        self.model = shard.module
-        self.hidden = shard.spec.hidden_size
-        p = next(self.model.parameters())
-        self.dtype, self.device = p.dtype, p.device
-        self.prev = lay.rank_at(g.dp_rank, g.tp_rank, g.pp_rank - 1) if g.pp_rank > 0 else None
-        self.next = lay.rank_at(g.dp_rank, g.tp_rank, g.pp_rank + 1) if g.pp_rank < lay.pp - 1 else None
-        self.ctx = StaticInferenceContext(batch, max_len)
-
-    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
-        """Run ``ids`` [b, n] at ``pos``; returns the last position's logits [b, V/tp] on the last stage."""
-        b, n = ids.shape
-        if self.prev is not None:
-            x = torch.empty(n, b, self.hidden, dtype=self.dtype, device=self.device)
-            dist.recv(x, self.prev)
-            self.model.set_input_tensor(x)
-        out: torch.Tensor = self.model(ids, pos, mask, inference_context=self.ctx, runtime_gather_output=True)
-        self.ctx.sequence_len_offset += n
-        self.ctx.enable_decode_mode()  # every call after the prefill feeds one token
-        if self.next is not None:
-            dist.send(out.contiguous(), self.next)
-            return None
-        return out[:, -1]
-
-
-def _keep_vocab_split(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    return args, {**kwargs, "runtime_gather_output": False}
-
-
 # ---- generation -----------------------------------------------------------------------------------
 def generate(
     shard: ModelShard,
@@ -321,9 +286,7 @@ def generate(
     """
     _check_inputs(shard, prompt_ids, prompt_mask, config)
     g, lay = shard.groups, shard.layout
-    model = shard.module
-    assert model is not None
-    runner = _StageRunner(shard, prompt_ids.shape[0], prompt_ids.shape[1] + config.max_new_tokens)
+    runner = StageDecoder(shard, prompt_ids.shape[0], prompt_ids.shape[1] + config.max_new_tokens)
     device = runner.device
     ids = prompt_ids.to(device).long()
     pmask = prompt_mask.to(device).long()
@@ -350,43 +313,31 @@ def generate(
     visible = torch.cat([pmask.bool(), torch.ones(b, new, dtype=torch.bool, device=device)], 1)
     lengths = pmask.sum(1)
 
-    was_training = model.training
-    model.eval()
-    # megatron's inference path insists on gathering the full vocabulary on every tp rank;
-    # sampling here is vocab-parallel, so the output layer is told to keep its slice.
-    hook = (
-        model.output_layer.register_forward_pre_hook(_keep_vocab_split, with_kwargs=True)
-        if last and lay.tp > 1
-        else None
-    )
-    try:
-        with torch.no_grad():
-            step_ids, step_pos, step_mask = ids, position_ids(pmask), attention_mask_4d(pmask)
-            for t in range(new):
-                logits = runner(step_ids, step_pos, step_mask)
-                tok = torch.empty(b, dtype=torch.long, device=device)
-                if last:
-                    assert sampler is not None and logits is not None
-                    tok, lp = sampler(logits)
-                    tok = tok.masked_fill(done, config.pad_token_id)
-                    logprobs[:, t] = lp.masked_fill(done, 0.0)
-                if lay.pp > 1:
-                    dist.broadcast(tok, last_rank, group=g.pp)
-                alive[:, t] = (~done).long()
-                response[:, t] = tok
-                is_eos = torch.isin(tok, eos) & ~done
-                hit_eos |= is_eos
-                done |= is_eos
-                if bool(done.all()) or t == new - 1:
-                    break
-                # The next step feeds this token at sequence index s + t.
-                step_ids = tok[:, None]
-                step_pos = (lengths + t)[:, None]
-                step_mask = ~visible[:, None, None, : s + t + 1]
-    finally:
-        model.train(was_training)
-        if hook is not None:
-            hook.remove()
+    # No padding: the prefill is plainly causal (SDPA's causal kernel, no mask built).
+    prefill_mask = None if bool(pmask.all()) else ~attention_mask_4d(pmask)
+    with torch.no_grad():
+        step_ids, step_pos, step_mask = ids, position_ids(pmask), prefill_mask
+        for t in range(new):
+            logits = runner(step_ids, step_pos, step_mask)
+            tok = torch.empty(b, dtype=torch.long, device=device)
+            if last:
+                assert sampler is not None and logits is not None
+                tok, lp = sampler(logits)
+                tok = tok.masked_fill(done, config.pad_token_id)
+                logprobs[:, t] = lp.masked_fill(done, 0.0)
+            if lay.pp > 1:
+                dist.broadcast(tok, last_rank, group=g.pp)
+            alive[:, t] = (~done).long()
+            response[:, t] = tok
+            is_eos = torch.isin(tok, eos) & ~done
+            hit_eos |= is_eos
+            done |= is_eos
+            if bool(done.all()) or t == new - 1:
+                break
+            # The next step feeds this token at sequence index s + t.
+            step_ids = tok[:, None]
+            step_pos = (lengths + t)[:, None]
+            step_mask = visible[:, None, None, : s + t + 1]
 
     alive[:, t + 1 :] = 0
     if lay.pp > 1:

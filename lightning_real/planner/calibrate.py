@@ -32,7 +32,6 @@ The result is a :class:`~lightning_real.planner.hardware.HardwareProfile` like t
 from __future__ import annotations
 
 import datetime
-import itertools
 import math
 import os
 import platform
@@ -239,24 +238,20 @@ def _decode_step(shard: Any, b: int, n: int, reps: int) -> float:
 
     ids = torch.ones(b, n, dtype=torch.long, device=device())
     mask = torch.ones_like(ids)
-    cfg = GenerationConfig(max_new_tokens=1 + DECODE_STEPS, seed=0)
-    # A decode step is the time from one forward's start to the next (forward, sampling, the
-    # loop's bookkeeping); the median step of a run resists bursts of other work, the median
-    # run is the machine's sustained speed (as in _timed); the first run warms up.
-    starts: list[float] = []
-    assert shard.module is not None
-    hook = shard.module.register_forward_pre_hook(lambda *_: starts.append(time.perf_counter()))
-    per_run = []
-    try:
-        for i in range(reps + 1):
-            starts.clear()
-            generate(shard, ids, mask, cfg)
-            _sync()
-            if i:
-                per_run.append(statistics.median(t1 - t0 for t0, t1 in itertools.pairwise(starts[1:])))
-    finally:
-        hook.remove()
-    return statistics.median(per_run)
+
+    def run(new: int) -> float:
+        _sync()
+        t0 = time.perf_counter()
+        generate(shard, ids, mask, GenerationConfig(max_new_tokens=new, seed=0))
+        _sync()
+        return time.perf_counter() - t0
+
+    # A decode step is what DECODE_STEPS more new tokens add to a call (forward, sampling, the
+    # loop's bookkeeping), so the prefill and the call's set-up drop out; the median run is the
+    # machine's sustained speed (as in _timed); the first run warms up.
+    run(1 + DECODE_STEPS)
+    per_run = [(run(1 + DECODE_STEPS) - run(1)) / DECODE_STEPS for _ in range(reps)]
+    return max(statistics.median(per_run), 1e-9)
 
 
 def _small_matmul_rate(rank: int, reps: int) -> float:
