@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from lightning_real.models.build import mask_padded_logits
+from lightning_real.models.pipeline import neighbours
 from lightning_real.models.shard import ModelShard
 
 
@@ -35,20 +36,38 @@ class _Linear:
     benchmarks.md). The copy is made once per generation, from the weights as they are then
     (it costs the weight's bytes again while the generation runs); the prefill, with many rows,
     uses the plain weight.
+
+    ``row_parallel``: the output is a partial sum over ``tp_group`` (megatron's
+    ``RowParallelLinear``), summed there before the (unsplit) bias is added.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows: int, pack: bool) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        rows: int,
+        pack: bool,
+        row_parallel: bool = False,
+        tp_group: Any = None,
+    ) -> None:
         self.weight, self.bias = weight, bias
+        self.row_parallel, self.tp_group = row_parallel, tp_group
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, rows) if pack else None
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.packed is None or x.shape[1] != 1:
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, self.weight, bias)
         b = x.shape[0]
-        y: torch.Tensor = torch.ops.mkldnn._linear_pointwise(
-            x.view(b, -1), self.packed, self.bias, "none", [], ""
-        )
+        y: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x.view(b, -1), self.packed, bias, "none", [], "")
         return y.view(b, 1, -1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.row_parallel:
+            return self._matmul(x, self.bias)
+        y = self._matmul(x, None)
+        if self.tp_group is not None:
+            dist.all_reduce(y, group=self.tp_group)
+        return y if self.bias is None else y + self.bias
 
 
 def _can_pack(device: torch.device, dtype: torch.dtype) -> bool:
@@ -79,10 +98,9 @@ class StageDecoder:
         assert shard.module is not None, "only the layout's ranks generate"
         self.model: Any = shard.module
         self.spec = spec
-        self.tp_group = g.tp if lay.tp > 1 else None
+        tp_group = g.tp if lay.tp > 1 else None
         self.first, self.last = g.is_first_stage, g.is_last_stage
-        self.prev = lay.rank_at(g.dp_rank, g.tp_rank, g.pp_rank - 1) if g.pp_rank > 0 else None
-        self.next = lay.rank_at(g.dp_rank, g.tp_rank, g.pp_rank + 1) if g.pp_rank < lay.pp - 1 else None
+        self.prev, self.next = neighbours(shard)
         p = next(self.model.parameters())
         self.dtype, self.device = p.dtype, p.device
         self.heads = spec.num_heads // lay.tp
@@ -91,13 +109,12 @@ class StageDecoder:
         self.scale = 1.0 / self.hn**0.5  # megatron's default softmax scale, as the model trains with
         self.layers = list(self.model.decoder.layers)
         pack = _can_pack(self.device, self.dtype)
-        # Row-parallel biases are added after the tensor-parallel sum, not inside the matmul.
         self.linears = [
             (
                 _Linear(sa.linear_qkv.weight, sa.linear_qkv.bias, batch, pack),
-                _Linear(sa.linear_proj.weight, None, batch, pack),
+                _Linear(sa.linear_proj.weight, sa.linear_proj.bias, batch, pack, True, tp_group),
                 _Linear(mlp.linear_fc1.weight, mlp.linear_fc1.bias, batch, pack),
-                _Linear(mlp.linear_fc2.weight, None, batch, pack),
+                _Linear(mlp.linear_fc2.weight, mlp.linear_fc2.bias, batch, pack, True, tp_group),
             )
             for sa, mlp in ((layer.self_attention, layer.mlp) for layer in self.layers)
         ]
@@ -122,13 +139,7 @@ class StageDecoder:
         self.act: Callable[[torch.Tensor], torch.Tensor] = self.model.config.activation_func
         self.gated = spec.gated_mlp
 
-    def _reduce(self, x: torch.Tensor) -> torch.Tensor:
-        if self.tp_group is not None:
-            dist.all_reduce(x, group=self.tp_group)
-        return x
-
-    def _attention(self, layer: Any, i: int, h: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
-        sa = layer.self_attention
+    def _attention(self, i: int, h: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
         b, n, _ = h.shape
         qkv = self.linears[i][0](h)
         # megatron's fused layout: per query group, its query heads, then one key and one value
@@ -151,20 +162,16 @@ class StageDecoder:
             scale=self.scale,
             enable_gqa=self.groups != self.heads,
         )
-        out = out.transpose(1, 2).reshape(b, n, self.heads * self.hn)
-        out = self._reduce(self.linears[i][1](out))
-        return out if sa.linear_proj.bias is None else out + sa.linear_proj.bias
+        return self.linears[i][1](out.transpose(1, 2).reshape(b, n, self.heads * self.hn))
 
-    def _mlp(self, layer: Any, i: int, h: torch.Tensor) -> torch.Tensor:
-        mlp = layer.mlp
+    def _mlp(self, i: int, h: torch.Tensor) -> torch.Tensor:
         x = self.linears[i][2](h)
         if self.gated:
             gate, up = x.chunk(2, dim=-1)
             x = self.act(gate) * up
         else:
             x = self.act(x)
-        x = self._reduce(self.linears[i][3](x))
-        return x if mlp.linear_fc2.bias is None else x + mlp.linear_fc2.bias
+        return self.linears[i][3](x)
 
     def __call__(
         self, ids: torch.Tensor, pos: torch.Tensor, allowed: torch.Tensor | None
@@ -181,8 +188,8 @@ class StageDecoder:
             x = torch.empty(b, n, self.spec.hidden_size, dtype=self.dtype, device=self.device)
             dist.recv(x, self.prev)
         for i, layer in enumerate(self.layers):
-            x = x + self._attention(layer, i, layer.input_layernorm(x), allowed)
-            x = x + self._mlp(layer, i, layer.pre_mlp_layernorm(x))
+            x = x + self._attention(i, layer.input_layernorm(x), allowed)
+            x = x + self._mlp(i, layer.pre_mlp_layernorm(x))
         self.offset += n
         if self.next is not None:
             dist.send(x.contiguous(), self.next)

@@ -32,7 +32,8 @@ class MicroBatch:
     """Anything the loss needs (labels, masks, advantages...)."""
 
 
-def _neighbours(shard: ModelShard) -> tuple[int | None, int | None]:
+def neighbours(shard: ModelShard) -> tuple[int | None, int | None]:
+    """Global ranks of the previous and next pipeline stage of this rank's replica (None at the ends)."""
     g = shard.groups
     lay = shard.layout
     prev = lay.rank_at(g.dp_rank, g.tp_rank, g.pp_rank - 1) if g.pp_rank > 0 else None
@@ -58,7 +59,7 @@ def run_forward(
     """
     model = shard.module
     assert model is not None, "run_forward called on a rank outside the layout"
-    prev, nxt = _neighbours(shard)
+    prev, nxt = neighbours(shard)
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
     results: list[Any] = []
@@ -83,7 +84,7 @@ def run_forward(
 
 def run_backward(shard: ModelShard, saved: list[Any], scale: float = 1.0) -> None:
     """Backward through :func:`run_forward`'s saved state (last stage: losses; others: outputs)."""
-    prev, nxt = _neighbours(shard)
+    prev, nxt = neighbours(shard)
     for x_in, out in reversed(saved):
         if nxt is None:
             loss = out[0] if isinstance(out, tuple) else out
