@@ -69,6 +69,7 @@ def _train(shard: ModelShard, cfg: TrainConfig, resume: bool = False) -> dict[st
         out["metrics"].append(engine.step(local))
     out["state_bytes"] = engine.optimizer_state_bytes()
     out["dtypes"] = sorted({str(p.dtype) for _, p in shard.params()})
+    out["buckets"] = (len(engine.flat.buckets), engine.flat.started_early) if engine.flat else (0, 0)
     if engine.sharded is not None and engine.sharded.master is not None:
         out["master_dtype"] = str(engine.sharded.master.dtype)
         # the bf16 working copy is the rounded master (this rank's shard of it)
@@ -107,6 +108,10 @@ RUNS: list[tuple[str, str, dict[str, Any], dict[str, Any], str]] = [
     ("repl_d4", "d4t1p1", {}, {}, "ref32"),
     ("zero_d4", "d4t1p1", {"distributed_optimizer": True}, {}, "repl_d4"),
     ("repl_d2t2", "d2t2p1", {}, {}, "ref32"),
+    # reduction buckets of 2048 elements: dozens per rank, started from the gradient hooks
+    ("bucketed_zero_d4", "d4t1p1", {"distributed_optimizer": True, "bucket_elems": 2048}, {}, "repl_d4"),
+    ("bucketed_d2t2", "d2t2p1", {"bucket_elems": 2048}, {}, "repl_d2t2"),
+    ("unbucketed_zero_d4", "d4t1p1", {"distributed_optimizer": True, "bucket_elems": None}, {}, "repl_d4"),
     ("zero_d2t2", "d2t2p1", {"distributed_optimizer": True}, {}, "repl_d2t2"),
     ("packed", "d1t1p1@0", {"token_budget": 40}, {}, "ref32"),
     ("packed_d2t2", "d2t2p1", {"token_budget": 40, "distributed_optimizer": True}, {}, "ref32"),
@@ -165,20 +170,40 @@ def _members(name: str) -> list[dict[str, Any]]:
     return runs
 
 
-@pytest.mark.timeout(900)
-@pytest.mark.parametrize("name,ref", [("zero_d4", "repl_d4"), ("zero_d2t2", "repl_d2t2")])
-def test_sharded_optimizer_equals_replicated_adamw(name: str, ref: str) -> None:
-    # ZeRO-1 against replicated AdamW on the same layout (fp32, every rank's weights, 1e-6)
+def _assert_same_steps(name: str, ref: str) -> None:
+    """Every rank of ``name`` ends with ``ref``'s weights (1e-6) after the same losses and norms."""
     expected = _members(ref)[0]["metrics"]
     for r in _members(name):
         assert r["diff"] < 1e-6, (name, r["diff"])
         for a, b in zip(r["metrics"], expected, strict=True):
             assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
             assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6)
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("name,ref", [("zero_d4", "repl_d4"), ("zero_d2t2", "repl_d2t2")])
+def test_sharded_optimizer_equals_replicated_adamw(name: str, ref: str) -> None:
+    # ZeRO-1 against replicated AdamW on the same layout (fp32, every rank's weights, 1e-6)
+    _assert_same_steps(name, ref)
     # ... and both against one process (fp32; tp=2 sums in another order: 1e-5)
     for r in _members(ref if ref != "ref32" else name):
         if ref != "ref32":
             assert r["diff"] < 1e-5, (ref, r["diff"])
+
+
+@pytest.mark.parametrize(
+    "name,ref", [("bucketed_zero_d4", "repl_d4"), ("bucketed_d2t2", "repl_d2t2"), ("unbucketed_zero_d4", "repl_d4")]
+)
+def test_reduction_overlapping_the_backward_changes_nothing(name: str, ref: str) -> None:
+    # fp32; the buckets' collectives sum in another grouping than one whole-buffer collective: 1e-6
+    _assert_same_steps(name, ref)
+    for r in _members(name):
+        buckets, early = r["buckets"]
+        if name.startswith("unbucketed"):
+            assert buckets == 0 and early == 0
+        else:
+            # every bucket's collective was started by a gradient hook, inside the backward
+            assert buckets > 10 and early == buckets, r["buckets"]
 
 
 def test_sharded_optimizer_state_is_one_dp_th() -> None:

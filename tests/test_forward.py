@@ -8,6 +8,7 @@ import torch
 from lightning_real.distributed.groups import GroupRegistry
 from lightning_real.distributed.launch import spawn
 from lightning_real.layout import Layout, LayoutError
+from lightning_real.models.build import BuildOptions
 from lightning_real.models.forward import (
     attention_mask_4d,
     forward_logits,
@@ -17,7 +18,7 @@ from lightning_real.models.forward import (
     position_ids,
 )
 from lightning_real.models.hf import hf_model
-from lightning_real.models.masks import next_token_valid
+from lightning_real.models.masks import model_mask, next_token_valid
 from lightning_real.models.shard import ModelShard
 from lightning_real.models.sharding import random_canonical
 from lightning_real.models.spec import check_layout, tiny_spec
@@ -213,3 +214,40 @@ def test_bad_inputs_are_named():
 def test_layout_that_does_not_fit_is_rejected(bad):
     with pytest.raises(LayoutError):
         check_layout(tiny_spec("llama"), Layout.parse(bad).resolve(4))
+
+
+def _unpadded(rank: int, world: int) -> dict:
+    reg = GroupRegistry()
+    ids, _ = _batch()
+    ids = ids.clamp(min=3)  # no padding anywhere: the model gets no mask at all
+    full = torch.ones_like(ids)
+    out: dict = {}
+    for attention in ("local", "sdpa"):
+        for lay_s in ("d1t2p1", "d1t1p2"):
+            spec = tiny_spec("llama")
+            shard = ModelShard.from_canonical(
+                spec,
+                reg.for_layout(Layout.parse(lay_s).resolve(world)),
+                random_canonical(spec, seed=7),
+                BuildOptions(attention=attention),
+            )
+            out[(attention, lay_s)] = forward_logits(shard, ids, full, n_mbs=2)
+    return out
+
+
+def test_unpadded_batch_runs_without_a_mask():
+    ids, pad = _batch()
+    ids = ids.clamp(min=3)
+    full = torch.ones_like(ids)
+    assert model_mask(full) is None
+    assert torch.equal(model_mask(pad), attention_mask_4d(pad))
+    seg = torch.ones_like(full)
+    assert torch.equal(model_mask(full, seg), attention_mask_4d(full, seg))  # packed rows keep theirs
+    spec = tiny_spec("llama")
+    with torch.no_grad():
+        ref = hf_model(spec, random_canonical(spec, seed=7))(input_ids=ids).logits
+    for results in spawn(_unpadded, 2):
+        for key, logits in results.items():
+            # megatron's local attention builds its own causal mask, SDPA takes is_causal;
+            # both equal transformers' forward at the module's fp32 tolerance
+            assert (logits[..., : spec.vocab_size] - ref).abs().max() < ATOL, key

@@ -93,6 +93,41 @@ def test_minus_inf_padding_changes_no_logprob_entropy_or_gradient():
     assert torch.isfinite(grad).all() and not grad[..., 11:].any()
 
 
+def _split_logprobs(rank: int, world: int, logits: torch.Tensor, labels: torch.Tensor) -> tuple:
+    group = GroupRegistry().for_layout(Layout(1, world, 1, tuple(range(world)))).tp
+    part = logits.shape[-1] // world
+    mine = logits[..., rank * part : (rank + 1) * part].clone().requires_grad_(True)
+    lp = vocab_parallel_logprobs(mine, labels, group)
+    (lp * torch.arange(1.0, 6.0)).sum().backward()  # position weights: a non-uniform upstream gradient
+    return lp.detach(), mine.grad
+
+
+def test_fused_logprobs_under_tp2_equal_log_softmax_with_gradients():
+    """The fused function against autograd through log_softmax over the whole vocabulary; the
+    logits are split over 2 real gloo ranks, 3 padding columns at the end (-inf), labels on both
+    halves. fp32 math on both sides: 1e-6."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 5, 16, generator=g)
+    logits[..., 13:] = float("-inf")
+    labels = torch.randint(0, 13, (2, 5), generator=g)
+    ref = logits.clone().requires_grad_(True)
+    lp_ref = torch.log_softmax(ref, -1).gather(-1, labels[..., None]).squeeze(-1)
+    (lp_ref * torch.arange(1.0, 6.0)).sum().backward()
+    assert ref.grad is not None
+    for rank, (lp, grad) in enumerate(spawn(_split_logprobs, 2, logits, labels)):
+        torch.testing.assert_close(lp, lp_ref.detach(), atol=1e-6, rtol=0)
+        torch.testing.assert_close(grad, ref.grad[..., rank * 8 : (rank + 1) * 8], atol=1e-6, rtol=0)
+    assert not ref.grad[..., 13:].any()
+
+
+def test_fused_logprobs_refuse_a_second_backward():
+    logits = torch.randn(2, 3, 7, requires_grad=True)
+    lp = vocab_parallel_logprobs(logits, torch.zeros(2, 3, dtype=torch.long), None)
+    lp.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        lp.sum().backward()
+
+
 def test_sampler_skips_padding_and_draws_as_without_it():
     """Noise is drawn for the vocabulary alone, so padding changes no draw."""
     logits = torch.randn(500, 8, generator=torch.Generator().manual_seed(2))

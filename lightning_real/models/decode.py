@@ -85,6 +85,30 @@ def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return t * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def _one_query_attention(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    allowed: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of one new query per row, ``q`` [b, heads, 1, hn], over the cached ``keys`` and
+    ``values`` [b, groups, L, hn]; ``allowed`` [b, 1, 1, L] or None (all visible).
+
+    Two batched matmuls with each query group's heads stacked as rows: torch's CPU SDPA kernel
+    (a flash kernel with its tiling set up per call) takes 2-3x as long for a single query.
+    Softmax in fp32, as that kernel accumulates.
+    """
+    b, heads, _, hn = q.shape
+    groups = keys.shape[1]
+    scores = torch.matmul(q.reshape(b, groups, heads // groups, hn), keys.transpose(-1, -2))
+    scores = scores * scale
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
+    return torch.matmul(probs, values).reshape(b, heads, 1, hn)
+
+
 class StageDecoder:
     """This rank's pipeline stage of one model, run one chunk of tokens at a time with a KV cache.
 
@@ -153,15 +177,19 @@ class StageDecoder:
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         self.keys[i][:, :, lo:hi] = k
         self.values[i][:, :, lo:hi] = v
-        out = F.scaled_dot_product_attention(
-            q,
-            self.keys[i][:, :, :hi],
-            self.values[i][:, :, :hi],
-            attn_mask=allowed,
-            is_causal=allowed is None and n > 1,
-            scale=self.scale,
-            enable_gqa=self.groups != self.heads,
-        )
+        keys, values = self.keys[i][:, :, :hi], self.values[i][:, :, :hi]
+        if n == 1 and self.device.type == "cpu":
+            out = _one_query_attention(q, keys, values, allowed, self.scale)
+        else:
+            out = F.scaled_dot_product_attention(
+                q,
+                keys,
+                values,
+                attn_mask=allowed,
+                is_causal=allowed is None and n > 1,
+                scale=self.scale,
+                enable_gqa=self.groups != self.heads,
+            )
         return self.linears[i][1](out.transpose(1, 2).reshape(b, n, self.heads * self.hn))
 
     def _mlp(self, i: int, h: torch.Tensor) -> torch.Tensor:

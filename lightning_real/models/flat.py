@@ -10,11 +10,19 @@ so accumulation over microbatches and the data-parallel reduction run in fp32 (m
 every replica keeps all optimizer states, a reduce-scatter (each replica keeps 1/dp of them,
 ZeRO-1) followed by an all-gather of the updated parameters otherwise. Both buffers are padded
 to a multiple of dp so that every replica's shard has the same size.
+
+The reduction overlaps the backward (megatron-core's bucketed gradient reduction): the gradient
+buffer is cut into buckets of about :data:`BUCKET_ELEMS` elements in backward order, and once
+every parameter of a bucket has received its last microbatch's gradient, the bucket's
+collective starts asynchronously (an all-reduce, or under ZeRO-1 one ``reduce`` to each replica
+that owns part of the bucket: together the same bytes as the reduce-scatter) while autograd
+goes on with earlier layers. :meth:`FlatBuffers.reduce` starts what is left and waits.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -24,6 +32,10 @@ from lightning_real.distributed.groups import LayoutGroups
 from lightning_real.models.sharding import ParamSpec
 
 NamedParams = list[tuple[ParamSpec, nn.Parameter]]
+
+BUCKET_ELEMS = 1 << 22
+"""Gradient elements per bucket (16 MB in fp32): large enough that each collective moves
+megabytes, small enough that a 7B model's layers give dozens of buckets to overlap."""
 
 
 @dataclass(frozen=True)
@@ -40,12 +52,36 @@ class Slot:
     """Number of elements."""
 
 
+@dataclass
+class _Bucket:
+    """A contiguous range of the gradient buffer reduced by one group of collectives."""
+
+    lo: int
+    hi: int
+    slots: list[int]
+    """Indices of its parameters in ``FlatBuffers.slots``."""
+    deferred: bool
+    """Holds a tied copy, which is summed over the embedding group first: started in ``reduce``."""
+    waiting: int = 0
+    """Parameters still to receive their last gradient of this step."""
+    handles: list = field(default_factory=list)
+    """The started collectives (empty: not started)."""
+
+
 class FlatBuffers:
     """This rank's trainable parameters and main gradients, flat (see the module docstring)."""
 
     def __init__(
-        self, params: NamedParams, groups: LayoutGroups, grad_dtype: torch.dtype, shards: int
+        self,
+        params: NamedParams,
+        groups: LayoutGroups,
+        grad_dtype: torch.dtype,
+        shards: int,
+        bucket_elems: int | None = BUCKET_ELEMS,
+        tied_keys: frozenset[str] = frozenset(),
     ) -> None:
+        """``bucket_elems`` None: reduce the whole buffer after the backward (no overlap);
+        ``tied_keys``: parameter keys whose gradients are first summed over the embedding group."""
         if not params:
             raise ValueError("FlatBuffers needs at least one parameter")
         self.groups = groups
@@ -72,13 +108,21 @@ class FlatBuffers:
                 p.data = view
                 self.slots.append(Slot(ps, p, start, n))
                 start += n
-        self._hooks = []
         self._aliased = dtype == grad_dtype
         for slot in self.slots:
             grad = self.grads[slot.start : slot.start + slot.numel].view_as(slot.param)
             slot.param.main_grad = grad  # type: ignore[attr-defined]
-            if not self._aliased:
-                self._hooks.append(slot.param.register_post_accumulate_grad_hook(_accumulate))
+        overlap = bucket_elems is not None and groups.layout.dp > 1
+        self.buckets = _buckets(self.slots, bucket_elems, tied_keys) if overlap else []
+        """The gradient buckets, in backward order (empty: no overlap)."""
+        self._bucket_of = {i: b for b in self.buckets for i in b.slots}
+        self._seen = [0] * len(self.slots)
+        self._expect = 0  # backward passes this step; 0: not in a step, hooks only accumulate
+        self._hooks = []
+        if not self._aliased or self.buckets:
+            for i, slot in enumerate(self.slots):
+                hook = functools.partial(self._on_grad, i)
+                self._hooks.append(slot.param.register_post_accumulate_grad_hook(hook))
         self.attach_grads()
 
     # ---- the shard this rank updates --------------------------------------------------------
@@ -119,6 +163,7 @@ class FlatBuffers:
         if storage.nbytes() == 0:
             storage.resize_(self.numel * self.grads.element_size())
         self.grads.zero_()
+        self._started_early = 0
         for slot in self.slots:
             slot.param.grad = slot.param.main_grad if self._aliased else None  # type: ignore[attr-defined]
 
@@ -137,6 +182,47 @@ class FlatBuffers:
         storage.resize_(0)
         return freed
 
+    def expect_backwards(self, n: int) -> None:
+        """A step with ``n`` microbatch backward passes begins: a bucket's collective starts when
+        each of its parameters has had ``n`` gradients."""
+        self._expect = n
+        self._seen = [0] * len(self.slots)
+        for b in self.buckets:
+            b.waiting, b.handles = len(b.slots), []
+
+    def _on_grad(self, index: int, p: torch.Tensor) -> None:
+        if not self._aliased:
+            _accumulate(p)
+        if not self._expect:
+            return
+        self._seen[index] += 1
+        bucket = self._bucket_of.get(index)
+        if bucket is None or self._seen[index] != self._expect:
+            return
+        bucket.waiting -= 1
+        if bucket.waiting == 0 and not bucket.deferred:
+            self._start(bucket)
+
+    @property
+    def started_early(self) -> int:
+        """Buckets of this step whose reduction a gradient hook started (before :meth:`reduce`)."""
+        return self._started_early
+
+    def _start(self, bucket: _Bucket) -> None:
+        g = self.groups
+        if bucket.handles:
+            return
+        if self._expect:
+            self._started_early += 1
+        if self.shards == 1:
+            bucket.handles.append(dist.all_reduce(self.grads[bucket.lo : bucket.hi], group=g.dp, async_op=True))
+            return
+        size = self.numel // self.shards
+        for owner in range(bucket.lo // size, (bucket.hi - 1) // size + 1):
+            a, b = max(bucket.lo, owner * size), min(bucket.hi, (owner + 1) * size)
+            dst = dist.get_global_rank(g.dp, owner)
+            bucket.handles.append(dist.reduce(self.grads[a:b], dst, group=g.dp, async_op=True))
+
     @torch.no_grad()
     def reduce(self, tied: list[Slot]) -> None:
         """Finish the gradients: tied copies summed over the embedding group, then the average over
@@ -145,7 +231,16 @@ class FlatBuffers:
         for slot in tied:
             dist.all_reduce(slot.param.main_grad, group=g.embd)  # type: ignore[attr-defined]
         dp = g.layout.dp
+        self._expect = 0  # the step's backward is over: what starts from here on is not early
         if dp == 1:
+            return
+        if self.buckets:
+            for bucket in self.buckets:
+                self._start(bucket)
+            for bucket in self.buckets:
+                for h in bucket.handles:
+                    h.wait()
+            (self.grads if self.shards == 1 else self.grad_shard()).div_(dp)
             return
         if self.shards == 1:
             dist.all_reduce(self.grads, group=g.dp)
@@ -167,6 +262,24 @@ class FlatBuffers:
 # releases (the GPU machine's 2.11) have only the old ones.
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def _buckets(slots: list[Slot], bucket_elems: int | None, tied_keys: frozenset[str]) -> list[_Bucket]:
+    """Consecutive parameters from the last to the first (the order backward reaches them),
+    cut where a bucket reaches ``bucket_elems`` elements."""
+    assert bucket_elems is not None and bucket_elems > 0
+    out: list[_Bucket] = []
+    cur: list[int] = []
+    elems = 0
+    for i in reversed(range(len(slots))):
+        cur.append(i)
+        elems += slots[i].numel
+        if elems >= bucket_elems or i == 0:
+            lo, hi = slots[cur[-1]].start, slots[cur[0]].start + slots[cur[0]].numel
+            deferred = any(slots[j].spec.key in tied_keys for j in cur)
+            out.append(_Bucket(lo, hi, cur, deferred))
+            cur, elems = [], 0
+    return out
 
 
 def _accumulate(p: torch.Tensor) -> None:

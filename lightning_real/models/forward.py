@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from lightning_real.models.masks import attention_mask_4d, next_token_valid, position_ids
+from lightning_real.models.masks import attention_mask_4d, model_mask, next_token_valid, position_ids
 from lightning_real.models.packing import SEGMENT_IDS, pack
 from lightning_real.models.pipeline import MicroBatch, broadcast_from_last_stage, run_forward
 from lightning_real.models.shard import ModelShard
@@ -23,6 +23,7 @@ __all__ = [
     "forward_logprobs",
     "forward_values",
     "microbatches",
+    "model_mask",
     "position_ids",
 ]
 
@@ -51,7 +52,7 @@ def microbatches(
             MicroBatch(
                 ids,
                 position_ids(pm, seg),
-                attention_mask_4d(pm, seg),
+                model_mask(pm, seg),
                 {k: v[idx] for k, v in (extra or {}).items()},
             )
         )

@@ -337,7 +337,8 @@ def generate(
             # The next step feeds this token at sequence index s + t.
             step_ids = tok[:, None]
             step_pos = (lengths + t)[:, None]
-            step_mask = visible[:, None, None, : s + t + 1]
+            # Without padding every cached key is visible: no mask to build or apply.
+            step_mask = None if prefill_mask is None else visible[:, None, None, : s + t + 1]
 
     alive[:, t + 1 :] = 0
     if lay.pp > 1:

@@ -35,6 +35,19 @@ def attention_mask_4d(pad_mask: torch.Tensor, segment_ids: torch.Tensor | None =
     return ~allowed[:, None]
 
 
+def model_mask(pad_mask: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The mask to hand the model: :func:`attention_mask_4d`, or None for a plainly causal batch.
+
+    A batch without padding or packed segments needs nothing beyond causality: SDPA then takes
+    its causal kernels (on CUDA the flash kernel, which takes no explicit mask) and megatron's
+    local attention builds its own causal mask, so no ``[b, 1, s, s]`` tensor is made or kept.
+    """
+    _check(pad_mask, segment_ids)
+    if segment_ids is None and bool(pad_mask.bool().all()):
+        return None
+    return attention_mask_4d(pad_mask, segment_ids)
+
+
 def segment_starts(pad_mask: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Bool ``[b, s]``: True where a new segment begins (always at position 0)."""
     _check(pad_mask, segment_ids)

@@ -26,8 +26,8 @@ class MicroBatch:
     """[b, s] token ids."""
     position_ids: torch.Tensor
     """[b, s] positions (left padding and packing aware)."""
-    attention_mask: torch.Tensor
-    """[b, 1, s, s] bool, True = masked out."""
+    attention_mask: torch.Tensor | None
+    """[b, 1, s, s] bool, True = masked out; None for a plainly causal batch (see ``masks.model_mask``)."""
     extra: dict[str, torch.Tensor]
     """Anything the loss needs (labels, masks, advantages...)."""
 

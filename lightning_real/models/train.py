@@ -41,8 +41,8 @@ import torch.distributed as dist
 
 from lightning_real.compat import cuda_to_cpu
 from lightning_real.layout import row_range
-from lightning_real.models.flat import FlatBuffers
-from lightning_real.models.forward import attention_mask_4d, position_ids
+from lightning_real.models.flat import BUCKET_ELEMS, FlatBuffers
+from lightning_real.models.forward import model_mask, position_ids
 from lightning_real.models.optim import OptimConfig, ShardedAdamW, clip_, grad_norm, lr_at
 from lightning_real.models.packing import pack
 from lightning_real.models.shard import ModelShard
@@ -76,6 +76,9 @@ class TrainConfig:
     token_budget: int | None = None
     """Pack the replica's rows into microbatches of at most this many tokens (one packed row each;
     ``n_mbs`` is then ignored); None: ``n_mbs`` microbatches of padded rows."""
+    bucket_elems: int | None = BUCKET_ELEMS
+    """Gradient elements per data-parallel reduction bucket; each bucket's collective starts
+    during the backward once its gradients are complete. None: one reduction after the backward."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.n_mbs, int) or self.n_mbs < 1:
@@ -84,6 +87,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.norm_key={self.norm_key!r}; allowed: a batch key or None")
         if not isinstance(self.optim, OptimConfig):
             raise ValueError(f"TrainConfig.optim={self.optim!r}; allowed: an OptimConfig")
+        if self.bucket_elems is not None and (not isinstance(self.bucket_elems, int) or self.bucket_elems < 1):
+            raise ValueError(f"TrainConfig.bucket_elems={self.bucket_elems!r}; allowed: None or an integer >= 1")
         if self.precision not in ("32-true", "bf16-mixed", "bf16-true"):
             raise ValueError(
                 f"TrainConfig.precision={self.precision!r}; allowed: 32-true, bf16-mixed, bf16-true"
@@ -154,7 +159,8 @@ class TrainEngine:
                 )
             shards = g.layout.dp if cfg.distributed_optimizer else 1
             grad_dtype = torch.bfloat16 if cfg.precision == "bf16-true" else torch.float32
-            self.flat = FlatBuffers(self._params, g, grad_dtype, shards)
+            tied = frozenset({WORD_EMBEDDINGS}) if self._tied_pp else frozenset()
+            self.flat = FlatBuffers(self._params, g, grad_dtype, shards, cfg.bucket_elems, tied)
             self.sharded = ShardedAdamW(self.flat, cfg.optim, master_weights=cfg.precision == "bf16-mixed")
 
     @property
@@ -223,6 +229,7 @@ class TrainEngine:
         # megatron divides each microbatch's loss by their number; that factor undoes it, and
         # dp makes the replicas' gradient *average* equal the gradient of sum / normaliser.
         scale = len(mbs) * g.layout.dp / norm
+        flat.expect_backwards(len(mbs))  # buckets start reducing as their last gradients arrive
         self._run_schedule(mbs, scale, sums)
         tied = [s for s in flat.slots if self._tied_pp and s.spec.key == WORD_EMBEDDINGS]
         flat.reduce(tied)
@@ -256,14 +263,14 @@ class TrainEngine:
     def _device(self) -> torch.device:
         return self._params[0][1].device
 
-    def _inputs(self, mb: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _inputs(self, mb: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         ids = mb[INPUT_IDS]
         pad = mb.get(ATTENTION_MASK)
         pad = torch.ones_like(ids) if pad is None else pad
         seg = mb.get(SEGMENT_IDS)
         pos = mb.get(POSITION_IDS)
         pos = position_ids(pad, seg) if pos is None else pos
-        return ids, pos, attention_mask_4d(pad, seg)
+        return ids, pos, model_mask(pad, seg)
 
     def _run_schedule(
         self, mbs: list[Batch], scale: float, sums: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]

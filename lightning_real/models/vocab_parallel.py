@@ -54,25 +54,69 @@ def _shifted(logits: torch.Tensor, group: Any) -> torch.Tensor:
     return logits - m
 
 
+class _LogProbs(torch.autograd.Function):
+    """``log softmax(z)[label]`` over a vocabulary split across ``group``, with its own backward.
+
+    megatron-core's ``_VocabParallelCrossEntropy`` in form: the forward keeps only the softmax
+    (one fp32 tensor of the logits' size, normalised in place) and the backward turns it into
+    the gradient ``onehot - softmax`` in place, where autograd through the composed ops would
+    keep the shifted logits and their exponential and write several logit-sized temporaries.
+    The saved softmax is consumed by the first backward, so a second one is refused.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, labels: torch.Tensor, group: Any) -> torch.Tensor:
+        z = logits.float()
+        m = z.max(dim=-1, keepdim=True).values
+        tp = _tp_size(group)
+        if tp > 1:
+            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        part = z.shape[-1]
+        lo = 0 if group is None else dist.get_rank(group) * part
+        local = labels - lo
+        inside = (local >= 0) & (local < part)
+        idx = local.clamp(0, part - 1).unsqueeze(-1)
+        # A label held elsewhere may be clamped onto a -inf padding column: select, do not multiply.
+        picked = torch.where(inside, z.gather(-1, idx).squeeze(-1) - m.squeeze(-1), 0.0)
+        e = (z - m).exp_()  # one logit-sized fp32 temporary; padding columns (-inf) give 0
+        sumexp = e.sum(-1)
+        if tp > 1:
+            both = torch.stack([picked, sumexp])
+            dist.all_reduce(both, group=group)
+            picked, sumexp = both[0], both[1]
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(e.div_(sumexp.unsqueeze(-1)), idx, inside)
+            ctx.dtype = logits.dtype
+            ctx.spent = False
+        return picked - sumexp.log()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        if ctx.spent:
+            raise RuntimeError(
+                "vocab_parallel_logprobs: backward ran twice through the same graph; its saved "
+                "softmax becomes the gradient in place (run the forward again instead of retain_graph)"
+            )
+        ctx.spent = True
+        probs, idx, inside = ctx.saved_tensors
+        # d lp / d z = onehot(label) - softmax; every tp rank computes the same loss, so the
+        # upstream gradient is each rank's own (megatron's reduce_from_tensor_model_parallel_region).
+        g = grad.float().unsqueeze(-1)
+        out = probs.mul_(-g)
+        out.scatter_add_(-1, idx, g * inside.unsqueeze(-1))
+        return out.to(ctx.dtype), None, None
+
+
 def vocab_parallel_logprobs(logits: torch.Tensor, labels: torch.Tensor, tp_group: Any) -> torch.Tensor:
     """``log softmax(logits)[labels]`` for logits split over the vocabulary, ``[b, s]`` fp32.
 
     ``logits`` is this rank's ``[b, s, P/tp]`` slice of the (padded) vocabulary, tp rank r
     holding columns r*P/tp ...; ``labels`` holds global token ids. Every tp rank gets the same
     result and gradients flow to each rank's own slice. ``tp_group`` None means the logits are
-    complete.
+    complete. One backward per forward (see :class:`_LogProbs`).
     """
-    z = _shifted(logits, tp_group)
-    part = z.shape[-1]
-    lo = 0 if tp_group is None else dist.get_rank(tp_group) * part
-    local = labels - lo
-    inside = (local >= 0) & (local < part)
-    picked = z.gather(-1, local.clamp(0, part - 1).unsqueeze(-1)).squeeze(-1)
-    # A label held elsewhere may be clamped onto a -inf padding column: select, do not multiply.
-    picked = torch.where(inside, picked, torch.zeros_like(picked))
-    target = _tp_sum(picked, tp_group)
-    sumexp = _tp_sum(z.exp().sum(-1), tp_group)
-    return target - sumexp.log()
+    out: torch.Tensor = _LogProbs.apply(logits, labels, tp_group)
+    return out
 
 
 def vocab_parallel_entropy(logits: torch.Tensor, tp_group: Any) -> torch.Tensor:

@@ -144,9 +144,10 @@ def saved_elems_per_token_layer(spec: ModelSpec, tp: int, seq: int) -> float:
 
 
 TRAIN_LOGIT_COPIES = 3
-"""Logit-sized fp32 tensors alive at a train step's peak (the logits, the shifted exponential
-the log-softmax saves, their gradient): the slope of the measured peak against the vocabulary
-(``benchmarks/engine.py --only memory``, vocab 8192 against 16384)."""
+"""Logit-sized fp32 tensors alive at a train step's peak (the logits, the softmax the
+log-probability function saves and turns into their gradient in place, and the gradient of the
+logits' slice): the slope of the measured peak against the vocabulary (``benchmarks/engine.py
+--only memory``, vocab 8192 against 16384)."""
 
 
 def vllm_block_tokens(features: RuntimeFeatures, default_block: int) -> int:
