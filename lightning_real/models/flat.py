@@ -112,12 +112,16 @@ class FlatBuffers:
         for slot in self.slots:
             grad = self.grads[slot.start : slot.start + slot.numel].view_as(slot.param)
             slot.param.main_grad = grad  # type: ignore[attr-defined]
-        overlap = bucket_elems is not None and groups.layout.dp > 1
-        self.buckets = _buckets(self.slots, bucket_elems, tied_keys) if overlap else []
+        self.tied = [s for s in self.slots if s.spec.key in tied_keys]
+        """Slots whose gradients are summed over the embedding group before the data-parallel average."""
+        self.buckets: list[_Bucket] = []
         """The gradient buckets, in backward order (empty: no overlap)."""
+        if bucket_elems is not None and groups.layout.dp > 1:
+            self.buckets = _buckets(self.slots, bucket_elems, tied_keys)
         self._bucket_of = {i: b for b in self.buckets for i in b.slots}
         self._seen = [0] * len(self.slots)
         self._expect = 0  # backward passes this step; 0: not in a step, hooks only accumulate
+        self._started_early = 0
         self._hooks = []
         if not self._aliased or self.buckets:
             for i, slot in enumerate(self.slots):
@@ -163,7 +167,6 @@ class FlatBuffers:
         if storage.nbytes() == 0:
             storage.resize_(self.numel * self.grads.element_size())
         self.grads.zero_()
-        self._started_early = 0
         for slot in self.slots:
             slot.param.grad = slot.param.main_grad if self._aliased else None  # type: ignore[attr-defined]
 
@@ -187,6 +190,7 @@ class FlatBuffers:
         each of its parameters has had ``n`` gradients."""
         self._expect = n
         self._seen = [0] * len(self.slots)
+        self._started_early = 0
         for b in self.buckets:
             b.waiting, b.handles = len(b.slots), []
 
@@ -224,11 +228,11 @@ class FlatBuffers:
             bucket.handles.append(dist.reduce(self.grads[a:b], dst, group=g.dp, async_op=True))
 
     @torch.no_grad()
-    def reduce(self, tied: list[Slot]) -> None:
+    def reduce(self) -> None:
         """Finish the gradients: tied copies summed over the embedding group, then the average over
         the data-parallel group (reduce-scattered to each replica's shard when split)."""
         g = self.groups
-        for slot in tied:
+        for slot in self.tied:
             dist.all_reduce(slot.param.main_grad, group=g.embd)  # type: ignore[attr-defined]
         dp = g.layout.dp
         self._expect = 0  # the step's backward is over: what starts from here on is not early
@@ -264,10 +268,9 @@ _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_sc
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
-def _buckets(slots: list[Slot], bucket_elems: int | None, tied_keys: frozenset[str]) -> list[_Bucket]:
+def _buckets(slots: list[Slot], bucket_elems: int, tied_keys: frozenset[str]) -> list[_Bucket]:
     """Consecutive parameters from the last to the first (the order backward reaches them),
     cut where a bucket reaches ``bucket_elems`` elements."""
-    assert bucket_elems is not None and bucket_elems > 0
     out: list[_Bucket] = []
     cur: list[int] = []
     elems = 0

@@ -231,8 +231,7 @@ class TrainEngine:
         scale = len(mbs) * g.layout.dp / norm
         flat.expect_backwards(len(mbs))  # buckets start reducing as their last gradients arrive
         self._run_schedule(mbs, scale, sums)
-        tied = [s for s in flat.slots if self._tied_pp and s.spec.key == WORD_EMBEDDINGS]
-        flat.reduce(tied)
+        flat.reduce()
         norm_value = grad_norm(flat, self._tied_pp)
         clip_(flat, cfg.optim.max_grad_norm, norm_value)
         lr = self.lr

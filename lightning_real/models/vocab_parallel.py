@@ -45,13 +45,18 @@ def _tp_sum(x: torch.Tensor, group: Any) -> torch.Tensor:
     return x if _tp_size(group) == 1 else _AllReduceSum.apply(x, group)
 
 
+def _row_max(z: torch.Tensor, group: Any) -> torch.Tensor:
+    """The row maximum over the whole (split) vocabulary, ``[..., 1]``, as a constant."""
+    m = z.detach().max(dim=-1, keepdim=True).values
+    if _tp_size(group) > 1:
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    return m
+
+
 def _shifted(logits: torch.Tensor, group: Any) -> torch.Tensor:
     """Logits minus their (global, constant) row maximum, in fp32."""
     logits = logits.float()
-    m = logits.detach().max(dim=-1, keepdim=True).values
-    if _tp_size(group) > 1:
-        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-    return logits - m
+    return logits - _row_max(logits, group)
 
 
 class _LogProbs(torch.autograd.Function):
@@ -67,10 +72,8 @@ class _LogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, logits: torch.Tensor, labels: torch.Tensor, group: Any) -> torch.Tensor:
         z = logits.float()
-        m = z.max(dim=-1, keepdim=True).values
+        m = _row_max(z, group)
         tp = _tp_size(group)
-        if tp > 1:
-            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
         part = z.shape[-1]
         lo = 0 if group is None else dist.get_rank(group) * part
         local = labels - lo
