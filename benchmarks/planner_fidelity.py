@@ -161,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"profile: {hw.source}")
     print(
         f"  matmul {hw.flops / 1e9:.1f} GFLOP/s alone, {hw.node_flops / 1e9 if hw.node_flops else 0:.1f} shared; "
-        f"copy {hw.mem_bw / 1e9:.1f} GB/s; all-reduce {hw.intra_bw / 1e9:.2f} GB/s, {hw.intra_latency * 1e3:.2f} ms/step; "
+        f"copy {hw.mem_bw / 1e9:.1f} GB/s; all-reduce {hw.intra_bw / 1e9:.2f} GB/s, {hw.intra_latency * 1e3:.2f} ms/step"
+        + (f" ({hw.pair_latency * 1e3:.2f} ms in a pair)" if hw.pair_latency is not None else "")
+        + "; "
         f"layer overhead {hw.layer_overhead * 1e3:.2f} ms"
     )
     print("\n| call | layout | microbatches | measured (s) | predicted (s) | error |")

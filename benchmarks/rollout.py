@@ -40,8 +40,14 @@ from lightning_real.runtime.vllm_generation import VllmGenerator
 
 def _spec(hidden: int, layers: int) -> ModelSpec:
     return tiny_spec(
-        "llama", hidden_size=hidden, num_layers=layers, num_heads=hidden // 64, num_kv_heads=max(1, hidden // 128),
-        ffn_hidden_size=hidden * 3, vocab_size=4096, max_position_embeddings=1024,
+        "llama",
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=hidden // 64,
+        num_kv_heads=max(1, hidden // 128),
+        ffn_hidden_size=hidden * 3,
+        vocab_size=4096,
+        max_position_embeddings=1024,
     )
 
 
@@ -83,8 +89,13 @@ def generation(groups: LayoutGroups, args: argparse.Namespace) -> dict[str, Any]
     toks = args.batch * args.new
     return {
         "model": f"llama h{args.hidden} L{args.layers} ({sum(t.numel() for t in random_canonical(spec).values()) / 1e6:.1f}M params)",
-        "batch": args.batch, "prompt": args.prompt, "new": args.new, "same_tokens": same,
-        "native_tok_s": toks / t_native, "vllm_tok_s": toks / t_vllm, "vllm_engine_only_tok_s": toks / t_engine,
+        "batch": args.batch,
+        "prompt": args.prompt,
+        "new": args.new,
+        "same_tokens": same,
+        "native_tok_s": toks / t_native,
+        "vllm_tok_s": toks / t_vllm,
+        "vllm_engine_only_tok_s": toks / t_engine,
         "vllm_start_s": gen.engine.start_s,
     }
 
@@ -97,8 +108,14 @@ def updates(groups: LayoutGroups, args: argparse.Namespace) -> list[dict[str, An
         gen = VllmGenerator(config=VllmConfig(max_model_len=128, max_num_seqs=4, kv_cache_bytes=1 << 27))
         gen.update_weights(shard)  # starts the engine
         best = min((gen.update_weights(shard) for _ in range(args.reps)), key=lambda u: u.seconds)
-        rows.append({"model": f"h{hidden} L{layers}", "bytes": best.bytes_loaded, "seconds": best.seconds,
-                     "gb_s": best.bytes_loaded / best.seconds / 1e9})
+        rows.append(
+            {
+                "model": f"h{hidden} L{layers}",
+                "bytes": best.bytes_loaded,
+                "seconds": best.seconds,
+                "gb_s": best.bytes_loaded / best.seconds / 1e9,
+            }
+        )
         gen.engine.llm = None  # type: ignore[union-attr]  # drop without vLLM's shutdown (it ends the world)
         gen.engine = None
     return rows
@@ -117,14 +134,24 @@ def main() -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
     dist.init_process_group("gloo", rank=0, world_size=1)
     groups = GroupRegistry().for_layout(Layout.parse("d1t1p1@0").resolve(1))
-    out = {"torch_threads": torch.get_num_threads(), "generation": generation(groups, args), "updates": updates(groups, args)}
+    out = {
+        "torch_threads": torch.get_num_threads(),
+        "generation": generation(groups, args),
+        "updates": updates(groups, args),
+    }
     g = out["generation"]
-    print(f"generation, {g['model']}, {g['batch']} x ({g['prompt']} + {g['new']}) greedy, same tokens: {g['same_tokens']}")
-    print(f"  native {g['native_tok_s']:.0f} tok/s | vllm {g['vllm_tok_s']:.0f} tok/s "
-          f"(engine alone {g['vllm_engine_only_tok_s']:.0f} tok/s) | vllm start {g['vllm_start_s']:.1f} s")
+    print(
+        f"generation, {g['model']}, {g['batch']} x ({g['prompt']} + {g['new']}) greedy, same tokens: {g['same_tokens']}"
+    )
+    print(
+        f"  native {g['native_tok_s']:.0f} tok/s | vllm {g['vllm_tok_s']:.0f} tok/s "
+        f"(engine alone {g['vllm_engine_only_tok_s']:.0f} tok/s) | vllm start {g['vllm_start_s']:.1f} s"
+    )
     print("weight update, tp=1 (direct path):")
     for r in out["updates"]:
-        print(f"  {r['model']}: {r['bytes'] / 1e6:.1f} MB in {r['seconds'] * 1e3:.1f} ms ({r['gb_s']:.2f} GB/s)")
+        print(
+            f"  {r['model']}: {r['bytes'] / 1e6:.1f} MB in {r['seconds'] * 1e3:.1f} ms ({r['gb_s']:.2f} GB/s)"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

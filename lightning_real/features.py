@@ -28,6 +28,11 @@ RECOMPUTES: tuple[str, ...] = get_args(Recompute)
 GENERATION_BACKENDS: tuple[str, ...] = get_args(GenerationBackend)
 ROLES: tuple[str, ...] = ("actor", "critic", "ref", "reward")
 
+GRAD_BUCKET_ELEMS = 1 << 22
+"""Default gradient elements per data-parallel reduction bucket (16 MB in fp32): large enough that
+each collective moves megabytes, small enough that a 7B model's layers give dozens of buckets to
+overlap with the backward."""
+
 LIGHTNING_PRECISIONS: dict[str, str] = {
     "32": "32-true",
     "32-true": "32-true",
@@ -129,6 +134,10 @@ class RuntimeFeatures:
     """Pack the rows of train calls into microbatches of at most this many tokens (padding is not
     computed; the microbatch count follows the budget); null: padded rows in the plan's
     microbatches. Needs token-level losses (PPO, SFT, token-mean GRPO)."""
+    grad_bucket_elems: int | None = GRAD_BUCKET_ELEMS
+    """Gradient elements per data-parallel reduction bucket of train calls: a bucket's collective
+    starts during the last microbatch's backward once its gradients are complete, so the
+    reduction overlaps the backward; null: one reduction after the backward (not overlapped)."""
     actor_precision: Precision | None = None
     """Precision of the actor's models; null: ``precision``."""
     critic_precision: Precision | None = None
@@ -156,6 +165,7 @@ class RuntimeFeatures:
                 raise FeatureError(f"{name}={v!r}; allowed: {', '.join(values)}")
         _check_bool("offload_idle", self.offload_idle)
         _check_int("token_budget", self.token_budget, 1, nullable=True)
+        _check_int("grad_bucket_elems", self.grad_bucket_elems, 1, nullable=True)
         for role in ROLES:
             v = getattr(self, f"{role}_precision")
             if v is not None and v not in PRECISIONS:
@@ -234,11 +244,15 @@ class RuntimeFeatures:
             parts.append("idle copies offloaded")
         if self.token_budget:
             parts.append(f"packed to {self.token_budget} tokens")
+        if self.grad_bucket_elems is None:
+            parts.append("gradient reduction not overlapped")
         return ", ".join(parts)
 
     def to_dict(self) -> dict[str, object]:
         """Field -> value, as reports and plan files write them (``vllm`` as a mapping)."""
-        return {f.name: asdict(self.vllm) if f.name == "vllm" else getattr(self, f.name) for f in fields(self)}
+        return {
+            f.name: asdict(self.vllm) if f.name == "vllm" else getattr(self, f.name) for f in fields(self)
+        }
 
 
 REFERENCE = RuntimeFeatures(precision="32-true", optimizer="replicated", attention="local")

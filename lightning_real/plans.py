@@ -179,7 +179,9 @@ class Plan:
 
     def with_name(self, name: str) -> Plan:
         """The same plan under another label."""
-        return Plan(dict(self.layouts), dict(self.microbatches), name, dict(self.recompute), dict(self.backends))
+        return Plan(
+            dict(self.layouts), dict(self.microbatches), name, dict(self.recompute), dict(self.backends)
+        )
 
     def __str__(self) -> str:
         return f"{self.name}: " + ", ".join(f"{k}={v}" for k, v in self.layouts.items())

@@ -192,7 +192,8 @@ def test_sharded_optimizer_equals_replicated_adamw(name: str, ref: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "name,ref", [("bucketed_zero_d4", "repl_d4"), ("bucketed_d2t2", "repl_d2t2"), ("unbucketed_zero_d4", "repl_d4")]
+    "name,ref",
+    [("bucketed_zero_d4", "repl_d4"), ("bucketed_d2t2", "repl_d2t2"), ("unbucketed_zero_d4", "repl_d4")],
 )
 def test_reduction_overlapping_the_backward_changes_nothing(name: str, ref: str) -> None:
     # fp32; the buckets' collectives sum in another grouping than one whole-buffer collective: 1e-6

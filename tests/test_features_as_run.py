@@ -109,5 +109,6 @@ def test_every_shipped_recipe_is_priced_as_it_runs(tmp_path: Path) -> None:
             )
             assert built.attention == f.attention, (path, role)
             assert built.recompute == (f.recompute if trained else "none"), (path, role)
+            assert built.grad_bucket_elems == (f.grad_bucket_elems if trained else None), (path, role)
         assert set(r["generators"].values()) <= {f.generation_backend}, path
         assert bool(r["generators"]) == any(c == "actor_gen" for c in r["run_calls"]), path

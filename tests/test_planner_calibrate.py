@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+import torch
 
 from lightning_real.dataflow import MFC
 from lightning_real.features import REFERENCE
@@ -112,3 +113,29 @@ def test_elementwise_rate_and_logit_factor_are_recovered_from_two_forwards() -> 
     assert backend_backward_factor(fitted, t("train", CALIBRATION_SPEC)) == pytest.approx(1.7, rel=1e-9)
     # times no model of this form can give (the wide call faster than the narrow one): refused
     assert backend_elementwise_rates(start, 1.0, 0.5) is None
+
+
+def _pair_probe(rank: int, world: int) -> tuple[float, float]:
+    import torch.distributed as dist
+
+    from lightning_real.planner.calibrate import SMALL_BYTES, _allreduce_time
+
+    pair = dist.new_group([0, 1])
+    t_pair = _allreduce_time(SMALL_BYTES, torch.device("cpu"), 3, 5, pair, rank < 2)
+    t_all = _allreduce_time(SMALL_BYTES, torch.device("cpu"), 3, 5)
+    return t_pair, t_all
+
+
+def test_pair_latency_is_measured_inside_the_pair_and_priced_for_pairs() -> None:
+    from lightning_real.distributed.launch import spawn
+    from lightning_real.planner.cost import Link
+
+    out = spawn(_pair_probe, 3)
+    # every rank reports the pair's (slowest member's) time, not its own idle zero
+    assert len({t for t, _ in out}) == 1 and all(0 < t < 1 for t, _ in out)
+    assert all(0 < t < 1 for _, t in out)
+    link = Link(bw=1e9, latency=3e-3, pair=1e-3)
+    # a pair pays its own latency; larger groups pay tree steps; no pair figure: one step
+    assert link.allreduce(4096, 2) == pytest.approx(4096 / 1e9 + 1e-3)
+    assert link.allreduce(4096, 4) == pytest.approx(2 * 3 / 4 * 4096 / 1e9 + 2 * 3e-3)
+    assert Link(bw=1e9, latency=3e-3).allgather(4096, 2) == pytest.approx(4096 / 2e9 + 3e-3)

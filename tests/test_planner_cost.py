@@ -10,7 +10,7 @@ import pytest
 
 from lightning_real.dataflow import MFC
 from lightning_real.models.spec import ModelSpec, tiny_spec
-from lightning_real.planner.cost import CallCost, Link
+from lightning_real.planner.cost import CallCost, Link, grad_reduction_exposed
 from lightning_real.planner.cost import call_cost as _price
 from lightning_real.planner.flops import forward_flops, generate_flops, train_flops
 from lightning_real.planner.hardware import H100, Cluster
@@ -150,6 +150,40 @@ def test_cross_node_groups_use_the_slow_link() -> None:
     assert inter > 5 * intra
 
 
+def test_grad_reduction_formula() -> None:
+    link = Link(bw=100e9, latency=10e-6)
+    nbytes, elems = 4e9, 10**9
+    # unbucketed: one collective, all of it after the backward
+    assert grad_reduction_exposed(link, nbytes, 8, False, None, elems, 5.0) == link.allreduce(nbytes, 8)
+    assert grad_reduction_exposed(link, nbytes, 8, True, None, elems, 5.0) == link.allgather(nbytes, 8)
+    # 10 buckets, a long backward: only the last bucket's share shows
+    total = 10 * link.allreduce(nbytes / 10, 8)
+    assert grad_reduction_exposed(link, nbytes, 8, False, elems // 10, elems, 5.0) == pytest.approx(
+        total / 10
+    )
+    # a backward shorter than the reduction: the rest of it shows
+    assert grad_reduction_exposed(link, nbytes, 8, False, elems // 10, elems, 0.01) == pytest.approx(
+        total - 0.01
+    )
+    # ZeRO-1: a reduce per bucket and one per replica boundary (17 collectives of 10 buckets' bytes)
+    zero = 17 * link.allgather(nbytes / 17, 8)
+    assert grad_reduction_exposed(link, nbytes, 8, True, elems // 10, elems, 0.0) == pytest.approx(zero)
+    assert grad_reduction_exposed(link, nbytes, 1, False, elems // 10, elems, 0.0) == 0.0
+
+
+def test_bucketed_reduction_hides_behind_the_backward() -> None:
+    # 64 rows per replica: the last backward outlasts the reduction, only the last bucket shows
+    c = _call("train", batch=512)
+    for opt in ("replicated", "distributed"):
+        f = replace(GPU_FEATURES, optimizer=opt)
+        over = call_cost(c, 8, 1, 1, 1, NODE, f)
+        flat = call_cost(c, 8, 1, 1, 1, NODE, replace(f, grad_bucket_elems=None))
+        # the same work, less of the reduction exposed (ZeRO-1's parameter all-gather stays)
+        assert over.parts["dp_comm"] < (0.1 if opt == "replicated" else 0.6) * flat.parts["dp_comm"]
+        assert over.time < flat.time
+        assert over.parts["compute"] == flat.parts["compute"]
+
+
 def test_distributed_optimizer_shrinks_optimizer_time() -> None:
     c = _call("train", batch=64)
     zero = call_cost(c, 8, 1, 1, 1, NODE, replace(GPU_FEATURES, optimizer="distributed")).parts["optimizer"]
@@ -168,3 +202,20 @@ def test_unfused_attention_costs_score_passes_and_memory() -> None:
     # per tp rank x 1024^2 fp32 probabilities per sequence
     extra = 4 * 32 * (32 / 8) * 1024 * 1024 * 4
     assert plain.memory.activations - flash.memory.activations == pytest.approx(extra)
+
+
+def test_bucket_size_is_a_recipe_key_the_runtime_and_planner_share() -> None:
+    from lightning_real.features import GRAD_BUCKET_ELEMS, RuntimeFeatures
+    from lightning_real.models.train import TrainConfig
+    from lightning_real.recipes.errors import RecipeError
+    from lightning_real.recipes.load import load_recipe
+
+    # one default: the engine's buckets are the ones the planner prices
+    assert RuntimeFeatures().grad_bucket_elems == GRAD_BUCKET_ELEMS == TrainConfig().bucket_elems
+    r = load_recipe("recipes/tiny/sft.yaml", ["engine.grad_bucket_elems=null"])
+    assert r.engine.grad_bucket_elems is None
+    assert "gradient reduction not overlapped" in r.engine.describe()
+    with pytest.raises(
+        RecipeError, match=r"'engine\.grad_bucket_elems': 0 .*allowed: null or an integer >= 1"
+    ):
+        load_recipe("recipes/tiny/sft.yaml", ["engine.grad_bucket_elems=0"])

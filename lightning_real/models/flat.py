@@ -29,13 +29,13 @@ import torch.distributed as dist
 from torch import nn
 
 from lightning_real.distributed.groups import LayoutGroups
+from lightning_real.features import GRAD_BUCKET_ELEMS
 from lightning_real.models.sharding import ParamSpec
 
 NamedParams = list[tuple[ParamSpec, nn.Parameter]]
 
-BUCKET_ELEMS = 1 << 22
-"""Gradient elements per bucket (16 MB in fp32): large enough that each collective moves
-megabytes, small enough that a 7B model's layers give dozens of buckets to overlap."""
+BUCKET_ELEMS = GRAD_BUCKET_ELEMS
+"""Gradient elements per bucket (the runtime features' default, which the planner prices)."""
 
 
 @dataclass(frozen=True)
@@ -114,8 +114,10 @@ class FlatBuffers:
             slot.param.main_grad = grad  # type: ignore[attr-defined]
         self.tied = [s for s in self.slots if s.spec.key in tied_keys]
         """Slots whose gradients are summed over the embedding group before the data-parallel average."""
+        self.bucket_elems = bucket_elems
+        """Gradient elements per reduction bucket (None: one reduction after the backward)."""
         self.buckets: list[_Bucket] = []
-        """The gradient buckets, in backward order (empty: no overlap)."""
+        """The gradient buckets, in backward order (empty: no overlap, or nothing to reduce)."""
         if bucket_elems is not None and groups.layout.dp > 1:
             self.buckets = _buckets(self.slots, bucket_elems, tied_keys)
         self._bucket_of = {i: b for b in self.buckets for i in b.slots}
@@ -219,7 +221,9 @@ class FlatBuffers:
         if self._expect:
             self._started_early += 1
         if self.shards == 1:
-            bucket.handles.append(dist.all_reduce(self.grads[bucket.lo : bucket.hi], group=g.dp, async_op=True))
+            bucket.handles.append(
+                dist.all_reduce(self.grads[bucket.lo : bucket.hi], group=g.dp, async_op=True)
+            )
             return
         size = self.numel // self.shards
         for owner in range(bucket.lo // size, (bucket.hi - 1) // size + 1):

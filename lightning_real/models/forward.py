@@ -11,7 +11,13 @@ from collections.abc import Callable
 
 import torch
 
-from lightning_real.models.masks import attention_mask_4d, model_mask, next_token_valid, position_ids
+from lightning_real.models.masks import (
+    attention_mask_4d,
+    has_padding,
+    model_mask,
+    next_token_valid,
+    position_ids,
+)
 from lightning_real.models.packing import SEGMENT_IDS, pack
 from lightning_real.models.pipeline import MicroBatch, broadcast_from_last_stage, run_forward
 from lightning_real.models.shard import ModelShard
@@ -45,6 +51,7 @@ def microbatches(
     if n_mbs < 1 or n_mbs > b:
         raise ValueError(f"n_mbs={n_mbs} must be between 1 and the batch size {b}")
     out = []
+    padded = has_padding(pad_mask)  # asked once per batch, not per microbatch (a host sync on CUDA)
     for idx in torch.arange(b).tensor_split(n_mbs):
         ids, pm = input_ids[idx], pad_mask[idx]
         seg = segment_ids[idx] if segment_ids is not None else None
@@ -52,7 +59,7 @@ def microbatches(
             MicroBatch(
                 ids,
                 position_ids(pm, seg),
-                model_mask(pm, seg),
+                model_mask(pm, seg, padded),
                 {k: v[idx] for k, v in (extra or {}).items()},
             )
         )

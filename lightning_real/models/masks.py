@@ -35,17 +35,28 @@ def attention_mask_4d(pad_mask: torch.Tensor, segment_ids: torch.Tensor | None =
     return ~allowed[:, None]
 
 
-def model_mask(pad_mask: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor | None:
+def model_mask(
+    pad_mask: torch.Tensor, segment_ids: torch.Tensor | None = None, padded: bool | None = None
+) -> torch.Tensor | None:
     """The mask to hand the model: :func:`attention_mask_4d`, or None for a plainly causal batch.
 
     A batch without padding or packed segments needs nothing beyond causality: SDPA then takes
     its causal kernels (on CUDA the flash kernel, which takes no explicit mask) and megatron's
     local attention builds its own causal mask, so no ``[b, 1, s, s]`` tensor is made or kept.
+    ``padded``: whether the batch holds padding, when the caller has asked once for the whole
+    batch (:func:`has_padding`); None asks here (a host sync on an accelerator).
     """
     _check(pad_mask, segment_ids)
-    if segment_ids is None and bool(pad_mask.bool().all()):
+    if padded is None:
+        padded = has_padding(pad_mask)
+    if segment_ids is None and not padded:
         return None
     return attention_mask_4d(pad_mask, segment_ids)
+
+
+def has_padding(pad_mask: torch.Tensor | None) -> bool:
+    """Whether any position of ``pad_mask`` (1 = token; None: no mask) is padding."""
+    return pad_mask is not None and not bool(pad_mask.bool().all())
 
 
 def segment_starts(pad_mask: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:

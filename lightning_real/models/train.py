@@ -42,7 +42,7 @@ import torch.distributed as dist
 from lightning_real.compat import cuda_to_cpu
 from lightning_real.layout import row_range
 from lightning_real.models.flat import BUCKET_ELEMS, FlatBuffers
-from lightning_real.models.forward import model_mask, position_ids
+from lightning_real.models.masks import has_padding, model_mask, position_ids
 from lightning_real.models.optim import OptimConfig, ShardedAdamW, clip_, grad_norm, lr_at
 from lightning_real.models.packing import pack
 from lightning_real.models.shard import ModelShard
@@ -87,8 +87,12 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.norm_key={self.norm_key!r}; allowed: a batch key or None")
         if not isinstance(self.optim, OptimConfig):
             raise ValueError(f"TrainConfig.optim={self.optim!r}; allowed: an OptimConfig")
-        if self.bucket_elems is not None and (not isinstance(self.bucket_elems, int) or self.bucket_elems < 1):
-            raise ValueError(f"TrainConfig.bucket_elems={self.bucket_elems!r}; allowed: None or an integer >= 1")
+        if self.bucket_elems is not None and (
+            not isinstance(self.bucket_elems, int) or self.bucket_elems < 1
+        ):
+            raise ValueError(
+                f"TrainConfig.bucket_elems={self.bucket_elems!r}; allowed: None or an integer >= 1"
+            )
         if self.precision not in ("32-true", "bf16-mixed", "bf16-true"):
             raise ValueError(
                 f"TrainConfig.precision={self.precision!r}; allowed: 32-true, bf16-mixed, bf16-true"
@@ -222,6 +226,9 @@ class TrainEngine:
         norm = self._global_normaliser(batch)
         dev = self._device()
         parts = pack(batch, cfg.token_budget)[0] if cfg.token_budget else split_microbatches(batch, cfg.n_mbs)
+        # Asked once per step, of the batch as given (usually still on the host): a host sync
+        # per microbatch otherwise. Packed rows always carry segment ids, and with them a mask.
+        padded = has_padding(batch.get(ATTENTION_MASK))
         mbs = [{k: v.to(dev) for k, v in mb.items()} for mb in parts]
         module.train()
         flat.attach_grads()
@@ -230,7 +237,7 @@ class TrainEngine:
         # dp makes the replicas' gradient *average* equal the gradient of sum / normaliser.
         scale = len(mbs) * g.layout.dp / norm
         flat.expect_backwards(len(mbs))  # buckets start reducing as their last gradients arrive
-        self._run_schedule(mbs, scale, sums)
+        self._run_schedule(mbs, scale, sums, padded)
         flat.reduce()
         norm_value = grad_norm(flat, self._tied_pp)
         clip_(flat, cfg.optim.max_grad_norm, norm_value)
@@ -262,17 +269,21 @@ class TrainEngine:
     def _device(self) -> torch.device:
         return self._params[0][1].device
 
-    def _inputs(self, mb: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def _inputs(self, mb: Batch, padded: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         ids = mb[INPUT_IDS]
         pad = mb.get(ATTENTION_MASK)
         pad = torch.ones_like(ids) if pad is None else pad
         seg = mb.get(SEGMENT_IDS)
         pos = mb.get(POSITION_IDS)
         pos = position_ids(pad, seg) if pos is None else pos
-        return ids, pos, model_mask(pad, seg)
+        return ids, pos, model_mask(pad, seg, padded)
 
     def _run_schedule(
-        self, mbs: list[Batch], scale: float, sums: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]
+        self,
+        mbs: list[Batch],
+        scale: float,
+        sums: list[tuple[torch.Tensor, dict[str, torch.Tensor]]],
+        padded: bool,
     ) -> None:
         from megatron.core.pipeline_parallel import get_forward_backward_func
         from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
@@ -292,7 +303,7 @@ class TrainEngine:
 
         def forward_step(data: Iterator[Batch], model: torch.nn.Module) -> tuple[torch.Tensor, Callable]:
             mb = next(data)
-            ids, pos, mask = self._inputs(mb)
+            ids, pos, mask = self._inputs(mb, padded)
             out = model(ids if first else None, pos, mask)
             return out, lambda output: loss_func(mb, output)
 

@@ -8,7 +8,8 @@
 * elementwise throughput of a transformer layer's mix (RMSNorm, SwiGLU gate, residual add,
   softmax over ``[4096, 1024]``), counting each operation's nominal reads and writes (kept as
   a cross-check and a fallback);
-* all-reduce latency (4 KB) and bus bandwidth (16 MB) over all processes;
+* all-reduce latency (4 KB) and bus bandwidth (16 MB) over all processes, and the latency of a
+  4 KB all-reduce within a pair of processes while the others wait (``pair_latency``);
 * from the megatron-core backend itself: the fixed cost per transformer layer (forward of 1 and
   of 5 tiny layers on one token, divided by the 4 extra layers), and the runtime's own calls on
   a small calibration model (3 layers, 192 wide, 8 x 256 tokens): its inference call
@@ -73,6 +74,8 @@ _BACKEND = REFERENCE
 ELEMENTWISE_SHAPE = (4096, 1024)
 COPY_BYTES = 32 * 2**20
 SMALL_BYTES = 4 * 2**10
+SMALL_RUNS = 20
+"""Small all-reduces per timed block: single ones on shared cores vary several-fold."""
 BIG_BYTES = 16 * 2**20
 
 
@@ -163,15 +166,22 @@ def _alone_and_together(rank: int, world: int, work: Any, reps: int) -> tuple[fl
     return float(alone[0]), world * reps * amount / min(walls)
 
 
-def _allreduce_time(nbytes: int, dev: torch.device, reps: int) -> float:
+def _allreduce_time(
+    nbytes: int, dev: torch.device, reps: int, runs: int = 1, group: Any = None, member: bool = True
+) -> float:
+    """Seconds of one all-reduce of ``nbytes`` over ``group`` (None: all processes): the median of
+    ``reps`` blocks of ``runs`` all-reduces each; non-members wait in the next collective, as the
+    ranks outside a call's layout do."""
     x = torch.ones(nbytes // 4, device=dev)
 
     def run() -> None:
-        dist.all_reduce(x)
+        for _ in range(runs):
+            dist.all_reduce(x, group=group)
 
     dist.barrier()
     # a fixed number of runs: every rank must join the same collectives
-    t = torch.tensor([_timed(run, reps, block_s=0.0)], dtype=torch.float64)
+    mine = _timed(run, reps, block_s=0.0) / runs if member else 0.0
+    t = torch.tensor([mine], dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t[0])
 
@@ -280,7 +290,11 @@ def _probe(rank: int, world: int, reps: int) -> dict[str, float]:
     bw, node_bw = _alone_and_together(rank, world, _copy_work(dev), reps)
     ew, _ = _alone_and_together(rank, world, _elementwise_work(dev), reps)
     steps = math.ceil(math.log2(world)) if world > 1 else 1
-    t_small = _allreduce_time(SMALL_BYTES, dev, reps)
+    t_small = _allreduce_time(SMALL_BYTES, dev, reps, SMALL_RUNS)
+    # a pair of processes (a tp=2 group) while the others wait: on shared cores far less than one
+    # of the whole node's steps
+    pair = dist.new_group([0, 1]) if world > 2 else None
+    t_pair = _allreduce_time(SMALL_BYTES, dev, reps, SMALL_RUNS, pair, rank < 2) if world > 2 else t_small
     t_big = _allreduce_time(BIG_BYTES, dev, max(3, reps // 2))
     latency = t_small / steps
     factor = 2 * (world - 1) / world if world > 1 else 1.0
@@ -302,6 +316,7 @@ def _probe(rank: int, world: int, reps: int) -> dict[str, float]:
         t_calibration_forward=t_fwd,
         t_calibration_forward_wide=t_wide,
         t_small=t_small,
+        t_pair=t_pair,
         t_big=t_big,
     )
 
@@ -330,6 +345,7 @@ def calibrate(
         intra_latency=raw["latency"],
         inter_bw=raw["link_bw"],
         inter_latency=raw["latency"],
+        pair_latency=raw["t_pair"] if world_size > 2 else None,
         # The matmul probe runs in fp32, so its rate serves fp32 runs as measured.
         fp32_flops_ratio=1.0,
         # A pass over n rows runs at n / (n + h) of the large-GEMM rate: solved from the 16-row probe.

@@ -55,18 +55,26 @@ class Link:
     """Bytes per second per direction."""
     latency: float
     """Seconds per collective step or send."""
+    pair: float | None = None
+    """Seconds of the latency of a collective of two members (measured); None: one step."""
+
+    def collective_latency(self, n: int) -> float:
+        """Latency term of one collective over ``n`` members: tree-like steps, or the pair's own."""
+        if n == 2 and self.pair is not None:
+            return self.pair
+        return math.ceil(math.log2(n)) * self.latency
 
     def allreduce(self, nbytes: float, n: int) -> float:
         """Ring bandwidth term, tree-like latency term (what NCCL and gloo approach)."""
         if n <= 1:
             return 0.0
-        return 2 * (n - 1) / n * nbytes / self.bw + math.ceil(math.log2(n)) * self.latency
+        return 2 * (n - 1) / n * nbytes / self.bw + self.collective_latency(n)
 
     def allgather(self, nbytes: float, n: int) -> float:
         """Gather ``nbytes`` in total (each member holds ``nbytes / n``); reduce-scatter costs the same."""
         if n <= 1:
             return 0.0
-        return (n - 1) / n * nbytes / self.bw + math.ceil(math.log2(n)) * self.latency
+        return (n - 1) / n * nbytes / self.bw + self.collective_latency(n)
 
     def send(self, nbytes: float) -> float:
         """One point-to-point message."""
@@ -95,7 +103,8 @@ def group_links(cluster: Cluster, dp: int, tp: int, pp: int) -> tuple[Link, Link
     n = dp * tp * pp
     lay = Layout(dp, tp, pp, tuple(range(n)))
     hw = cluster.hw
-    intra, inter = Link(hw.intra_bw, hw.intra_latency), Link(hw.inter_bw, hw.inter_latency)
+    intra = Link(hw.intra_bw, hw.intra_latency, hw.pair_latency)
+    inter = Link(hw.inter_bw, hw.inter_latency)
     return (
         inter if _crosses(cluster, lay.tp_groups()) else intra,
         inter if _crosses(cluster, lay.dp_groups()) else intra,
@@ -204,6 +213,33 @@ def _recomputed(
         passes = 0.0 if flash else SCORE_PASSES * LOGIT_BYTES * mb * spec.num_heads / tp * keys
         return layers * (flops / r.flops + passes / r.ew_bw)
     return 0.0
+
+
+def grad_reduction_exposed(
+    link: Link,
+    nbytes: float,
+    dp: int,
+    zero: bool,
+    bucket_elems: int | None,
+    elems: int,
+    backward: float,
+) -> float:
+    """Seconds of the data-parallel gradient reduction (``nbytes`` of gradients of ``elems``
+    elements over ``dp`` replicas) that the step waits for after a last backward of ``backward``
+    seconds. Unbucketed (``bucket_elems`` None): one all-reduce or reduce-scatter, all exposed.
+    Bucketed: one collective per bucket (under ZeRO-1 about one reduce per bucket plus one per
+    replica boundary inside the buckets), started as the backward completes each bucket; what
+    runs past the backward is exposed, and at least the last bucket's share always is."""
+    if dp <= 1:
+        return 0.0
+    if bucket_elems is None:
+        return link.allgather(nbytes, dp) if zero else link.allreduce(nbytes, dp)
+    buckets = max(1, -(-elems // bucket_elems))
+    collectives = buckets + (dp - 1 if zero else 0)
+    each = nbytes / collectives
+    per = link.allgather(each, dp) if zero else link.allreduce(each, dp)
+    total = collectives * per
+    return max(total - backward, total / buckets)
 
 
 def _pipeline(stage_times: list[float], m: int) -> float:
@@ -415,6 +451,7 @@ def _timing(
         p2p = ppl.send(mb * seq * h * dt) if pp > 1 else 0.0
         stages = []
         comp_max = comm_max = 0.0
+        first_backward = 0.0
         for s, layers in enumerate(counts):
             last = s == pp - 1
             c, t = _stage_pass(spec, r, tp, layers, last, mb, seq, 0, seq, flash)
@@ -423,6 +460,8 @@ def _timing(
                 # backward: input and weight gradients, the same all-reduces again; recomputation
                 # runs (part of) the forward once more before each layer's backward
                 again = _recomputed(features.recompute, spec, r, tp, layers, mb, seq, c, flash)
+                if s == 0:
+                    first_backward = hw.backward_factor * c + again + t
                 c, t, send = (1 + hw.backward_factor) * c + again, 2 * t, 2 * p2p
             else:
                 send = p2p
@@ -436,11 +475,16 @@ def _timing(
         if train:
             local = max(stage_params(spec, tp, pp))
             gb = features.grad_bytes
-            if features.distributed_optimizer(dp):
-                dp_comm = dpl.allgather(local * gb, dp) + dpl.allgather(local * dt, dp)
+            zero = features.distributed_optimizer(dp)
+            # The gradient reduction overlaps the last microbatch's backward (stage 0's ends the
+            # step); ZeRO-1's all-gather of the updated parameters follows the optimizer.
+            dp_comm = grad_reduction_exposed(
+                dpl, local * gb, dp, zero, features.grad_bucket_elems, local, first_backward
+            )
+            if zero:
+                dp_comm += dpl.allgather(local * dt, dp)
                 opt_params = local / dp
             else:
-                dp_comm = dpl.allreduce(local * gb, dp)
                 opt_params = local
             # Adam reads the gradient, reads and writes both moments and the weights it updates
             # (the fp32 master copy in bf16-mixed, which then also writes the bf16 weights).

@@ -60,6 +60,10 @@ class HardwareProfile:
     """Bus bandwidth a device achieves to devices in other nodes, per direction, bytes/s."""
     inter_latency: float
     """Latency of one collective step or send between nodes, seconds."""
+    pair_latency: float | None = None
+    """Latency of one small collective in a group of two devices of a node, seconds (measured by
+    calibration: a pair takes no tree of steps and, on shared cores, waits less than the whole
+    node's processes do); None: one step of ``intra_latency``."""
     fp32_flops_ratio: float = 1.0
     """Matmul throughput of fp32 runs ('32-true') over ``peak_flops``: TF32 tensor cores run at half
     the bf16 rate on H100/H200/A100 (data sheets); 1 for profiles measured in fp32 (CPU). Element
@@ -142,6 +146,8 @@ class HardwareProfile:
             raise ValueError(
                 f"HardwareProfile.vllm_block_size must be an integer >= 1, got {self.vllm_block_size!r}"
             )
+        if self.pair_latency is not None and not self.pair_latency >= 0:
+            raise ValueError(f"HardwareProfile.pair_latency must be >= 0 or None, got {self.pair_latency!r}")
         if self.vllm_load_bw is not None and not self.vllm_load_bw > 0:
             raise ValueError(
                 f"HardwareProfile.vllm_load_bw must be positive or None, got {self.vllm_load_bw!r}"

@@ -154,6 +154,7 @@ def train_config(
         precision=features.precision,
         distributed_optimizer=features.distributed_optimizer(dp),
         token_budget=features.token_budget,
+        bucket_elems=features.grad_bucket_elems,
     )
 
 

@@ -27,6 +27,9 @@ class BuiltRole:
     """Core attention kernel: 'local' (megatron-core's unfused attention) or 'sdpa'."""
     recompute: str
     """Activation recomputation the model was built with: 'none', 'selective' or 'full'."""
+    grad_bucket_elems: int | None
+    """Elements per gradient-reduction bucket of its flat buffers (None: one reduction after the
+    backward, or frozen)."""
 
 
 def _attention(module: torch.nn.Module) -> str:
@@ -65,5 +68,6 @@ def observe(ctx: RuntimeContext) -> tuple[dict[str, BuiltRole], dict[str, str]]:
             distributed_optimizer=None if engine is None else engine.distributed,
             attention=_attention(shard.module),
             recompute=granularity or "none",
+            grad_bucket_elems=None if engine is None or engine.flat is None else engine.flat.bucket_elems,
         )
     return roles, {call: g.backend for call, g in ctx.generators.items()}

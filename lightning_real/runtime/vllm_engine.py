@@ -54,7 +54,9 @@ def import_vllm() -> Any:
     try:
         import vllm
     except ImportError as e:
-        raise VllmUnavailable(f"engine.generation_backend=vllm needs vLLM, which is not installed: {EXTRA_HINT}") from e
+        raise VllmUnavailable(
+            f"engine.generation_backend=vllm needs vLLM, which is not installed: {EXTRA_HINT}"
+        ) from e
     quiet_vllm()
     return vllm
 
@@ -180,7 +182,9 @@ class VllmEngine:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         check_servable(spec, device)
         if dtype not in _DTYPES:
-            raise VllmUnavailable(f"engine.generation_backend=vllm: dtype {dtype} is not served; allowed: fp32, bf16, fp16")
+            raise VllmUnavailable(
+                f"engine.generation_backend=vllm: dtype {dtype} is not served; allowed: fp32, bf16, fp16"
+            )
         import_vllm()
         from vllm.entrypoints.llm import LLM
 
@@ -221,7 +225,10 @@ class VllmEngine:
         """Weight replacements so far."""
         self.released: tuple[bool, bool] = (False, False)
         """Whether the weights and the KV cache are released now."""
-        self._kept: tuple[list[tuple[torch.UntypedStorage, int]], list[tuple[torch.UntypedStorage, int]]] = ([], [])
+        self._kept: tuple[list[tuple[torch.UntypedStorage, int]], list[tuple[torch.UntypedStorage, int]]] = (
+            [],
+            [],
+        )
         """Released storages (CPU) of the weights and of the cache, with their sizes, to restore."""
         params, cache = self._storage_lists()
         self.weight_bytes = sum(st.nbytes() for st in params)
@@ -337,7 +344,9 @@ class VllmEngine:
                     f"prompt of {len(p)} tokens + {sp.max_tokens} new tokens exceeds the vLLM engine's "
                     f"max_model_len={self.max_model_len}"
                 )
-        outs: list[Any] = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        outs: list[Any] = self.llm.generate(
+            [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False
+        )
         return outs
 
     def close(self) -> None:

@@ -162,7 +162,11 @@ class VllmGenerator:
         log.info(
             "vLLM weight update: %s path, %d bytes sent, %d bytes of the shard written, %d bytes loaded, "
             "in %.3f s",
-            update.path, update.bytes_sent, update.bytes_local, update.bytes_loaded, seconds,
+            update.path,
+            update.bytes_sent,
+            update.bytes_local,
+            update.bytes_loaded,
+            seconds,
         )
         return update
 

@@ -163,4 +163,6 @@ class EngineFeed:
         path: Literal["direct", "full", "mixed"] = (
             "direct" if not self.gather else "full" if len(self.gather) >= n_keys else "mixed"
         )
-        return WeightUpdate(path, self.bytes_sent, self.bytes_local, bytes_loaded, seconds, tuple(self.gathered))
+        return WeightUpdate(
+            path, self.bytes_sent, self.bytes_local, bytes_loaded, seconds, tuple(self.gathered)
+        )

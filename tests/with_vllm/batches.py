@@ -42,7 +42,11 @@ def train_one_step(shard: ModelShard) -> None:
     ids = torch.randint(3, 250, (4, 24), generator=g)
     loss_mask = torch.ones_like(ids)
     loss_mask[:, -1] = 0
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.roll(ids, -1, 1),
-             "loss_mask": loss_mask}
+    batch = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": torch.roll(ids, -1, 1),
+        "loss_mask": loss_mask,
+    }
     loss = functools.partial(_lm_loss, shard.groups.tp)
     TrainEngine(shard, loss, TrainConfig(optim=OptimConfig(lr=3e-2))).step(batch)

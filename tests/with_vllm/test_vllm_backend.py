@@ -81,7 +81,11 @@ def _hf_greedy(canonical: dict[str, torch.Tensor], ids: torch.Tensor, mask: torc
     model: Any = hf_model(SPEC, canonical)
     with torch.no_grad():
         out = model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=NEW,
+            min_new_tokens=NEW,
+            do_sample=False,
             pad_token_id=PAD,
         )
     return out[:, ids.shape[1] :]
@@ -188,7 +192,9 @@ def test_sampling_streams_are_per_row(world: World) -> None:
     # row 2 alone, at its global index, draws what it drew inside the batch
     alone = world.gen.generate(shard, ids[2:3], mask[2:3], cfg, row_offset=2)
     assert torch.equal(alone.tokens, a.tokens[2:3])
-    other = world.gen.generate(shard, ids, mask, GenerationConfig(**{**cfg.__dict__, "seed": 6}), row_offset=0)
+    other = world.gen.generate(
+        shard, ids, mask, GenerationConfig(**{**cfg.__dict__, "seed": 6}), row_offset=0
+    )
     assert not torch.equal(other.tokens, a.tokens)
     # the returned log-probs are log_softmax(logits / temperature) of the sampled tokens (the
     # native contract), here against transformers on row 0 (no padding)
@@ -216,4 +222,3 @@ def test_models_it_cannot_serve_are_refused(monkeypatch: pytest.MonkeyPatch) -> 
     with pytest.raises(VllmUnavailable, match=r"'value' head"):
         check_servable(tiny_spec("llama", "value", hidden_size=128), torch.device("cpu"))
     assert make_generator("vllm").backend == "vllm"
-

@@ -34,7 +34,9 @@ ATOL = 1e-4
 CONFIG = VllmConfig(max_model_len=128, max_num_seqs=16, kv_cache_bytes=1 << 28, block_size=32)
 
 
-def _engine_params(gen: VllmGenerator, shard: ModelShard, full: bool) -> tuple[dict[str, torch.Tensor], WeightUpdate]:
+def _engine_params(
+    gen: VllmGenerator, shard: ModelShard, full: bool
+) -> tuple[dict[str, torch.Tensor], WeightUpdate]:
     """vLLM's parameters on this rank after an update. Its CPU linear layers drop the plain
     weight once repacked, so theirs are taken as loaded, just before the repacking."""
     from vllm.model_executor.layers.linear import UnquantizedLinearMethod
@@ -68,7 +70,9 @@ def _rank(rank: int, world: int) -> dict[str, Any]:
     registry = GroupRegistry()
     realloc = Reallocator(SPEC, registry)
     canonical = random_canonical(SPEC, seed=11, std=0.1)
-    train = realloc.adopt(ModelShard.from_canonical(SPEC, registry.for_layout(realloc.resolve(TRAIN)), canonical))
+    train = realloc.adopt(
+        ModelShard.from_canonical(SPEC, registry.for_layout(realloc.resolve(TRAIN)), canonical)
+    )
     plan = realloc.plan(TRAIN, GEN)
     shard = realloc.move(TRAIN, GEN, keep_source=True)
     assert realloc.last_stats is not None
@@ -128,7 +132,10 @@ def test_tp2_engine_follows_the_reallocated_shard() -> None:
         # the reference gathers every split tensor: the other rank's half
         assert full.path == "full" and full.bytes_sent == 4 * (n_params - norms) // 2
     print(  # figures for docs/rollout.md (pytest -s)
-        "tp=2 engines:", [f"start {r['start_s']:.1f} s, first call {r['first_call_s']:.1f} s" for r in ranks],
-        "updates (s, bytes loaded):", [[(round(u.seconds, 3), u.bytes_loaded) for u in r["updates"]] for r in ranks],
-        "logprob diff:", [r["logprob_diff"] for r in ranks],
+        "tp=2 engines:",
+        [f"start {r['start_s']:.1f} s, first call {r['first_call_s']:.1f} s" for r in ranks],
+        "updates (s, bytes loaded):",
+        [[(round(u.seconds, 3), u.bytes_loaded) for u in r["updates"]] for r in ranks],
+        "logprob diff:",
+        [r["logprob_diff"] for r in ranks],
     )
