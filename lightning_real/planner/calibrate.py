@@ -291,8 +291,8 @@ def _probe(rank: int, world: int, reps: int) -> dict[str, float]:
     ew, _ = _alone_and_together(rank, world, _elementwise_work(dev), reps)
     steps = math.ceil(math.log2(world)) if world > 1 else 1
     t_small = _allreduce_time(SMALL_BYTES, dev, reps, SMALL_RUNS)
-    # a pair of processes (a tp=2 group) while the others wait: on shared cores far less than one
-    # of the whole node's steps
+    # a pair of processes (a tp=2 group) while the others wait: on shared cores it takes less
+    # than one step of the whole node's all-reduce
     pair = dist.new_group([0, 1]) if world > 2 else None
     t_pair = _allreduce_time(SMALL_BYTES, dev, reps, SMALL_RUNS, pair, rank < 2) if world > 2 else t_small
     t_big = _allreduce_time(BIG_BYTES, dev, max(3, reps // 2))
