@@ -12,9 +12,9 @@ ZeRO-1) followed by an all-gather of the updated parameters otherwise. Both buff
 to a multiple of dp so that every replica's shard has the same size.
 
 The reduction overlaps the backward (megatron-core's bucketed gradient reduction): the gradient
-buffer is cut into buckets of about :data:`BUCKET_ELEMS` elements in backward order, and once
-every parameter of a bucket has received its last microbatch's gradient, the bucket's
-collective starts asynchronously (an all-reduce, or under ZeRO-1 one ``reduce`` to each replica
+buffer is cut into buckets of about :data:`~lightning_real.features.GRAD_BUCKET_ELEMS` elements
+in backward order, and once every parameter of a bucket has received its last microbatch's
+gradient, the bucket's collective starts asynchronously (an all-reduce, or under ZeRO-1 one ``reduce`` to each replica
 that owns part of the bucket: together the same bytes as the reduce-scatter) while autograd
 goes on with earlier layers. :meth:`FlatBuffers.reduce` starts what is left and waits.
 """
@@ -33,9 +33,6 @@ from lightning_real.features import GRAD_BUCKET_ELEMS
 from lightning_real.models.sharding import ParamSpec
 
 NamedParams = list[tuple[ParamSpec, nn.Parameter]]
-
-BUCKET_ELEMS = GRAD_BUCKET_ELEMS
-"""Gradient elements per bucket (the runtime features' default, which the planner prices)."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +74,7 @@ class FlatBuffers:
         groups: LayoutGroups,
         grad_dtype: torch.dtype,
         shards: int,
-        bucket_elems: int | None = BUCKET_ELEMS,
+        bucket_elems: int | None = GRAD_BUCKET_ELEMS,
         tied_keys: frozenset[str] = frozenset(),
     ) -> None:
         """``bucket_elems`` None: reduce the whole buffer after the backward (no overlap);

@@ -40,8 +40,9 @@ import torch
 import torch.distributed as dist
 
 from lightning_real.compat import cuda_to_cpu
+from lightning_real.features import GRAD_BUCKET_ELEMS
 from lightning_real.layout import row_range
-from lightning_real.models.flat import BUCKET_ELEMS, FlatBuffers
+from lightning_real.models.flat import FlatBuffers
 from lightning_real.models.masks import has_padding, model_mask, position_ids
 from lightning_real.models.optim import OptimConfig, ShardedAdamW, clip_, grad_norm, lr_at
 from lightning_real.models.packing import pack
@@ -76,7 +77,7 @@ class TrainConfig:
     token_budget: int | None = None
     """Pack the replica's rows into microbatches of at most this many tokens (one packed row each;
     ``n_mbs`` is then ignored); None: ``n_mbs`` microbatches of padded rows."""
-    bucket_elems: int | None = BUCKET_ELEMS
+    bucket_elems: int | None = GRAD_BUCKET_ELEMS
     """Gradient elements per data-parallel reduction bucket; each bucket's collective starts
     during the backward once its gradients are complete. None: one reduction after the backward."""
 

@@ -232,13 +232,12 @@ def grad_reduction_exposed(
     runs past the backward is exposed, and at least the last bucket's share always is."""
     if dp <= 1:
         return 0.0
+    collective = link.allgather if zero else link.allreduce
     if bucket_elems is None:
-        return link.allgather(nbytes, dp) if zero else link.allreduce(nbytes, dp)
+        return collective(nbytes, dp)
     buckets = max(1, -(-elems // bucket_elems))
     collectives = buckets + (dp - 1 if zero else 0)
-    each = nbytes / collectives
-    per = link.allgather(each, dp) if zero else link.allreduce(each, dp)
-    total = collectives * per
+    total = collectives * collective(nbytes / collectives, dp)
     return max(total - backward, total / buckets)
 
 
