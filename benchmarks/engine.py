@@ -12,8 +12,14 @@ llama-style model from the same weights and the same batch:
 * generation: 16 prompts of 64 tokens, 64 new tokens each, greedy, our ``generate`` against
   transformers' ``generate`` (the tokens must be the same).
 
-Each measurement is the best of ``--reps`` interleaved repetitions (ours, theirs, ours, ...), tokens
-per second over all processes. Memory (``--only memory``): the peak bytes per rank of two training
+Each side runs alone in its own processes (neither beside the other's model, allocator state
+or threads), the two alternating ``--rounds`` times (ours, theirs, ours, theirs); in each, every
+call gets a warm-up, one untimed run that gives the peak memory (the heap sampler never runs
+during a timed run) and ``--reps`` timed runs. Tokens per second over all processes, from the
+best of a side's timed runs. ``--precision bf16-mixed`` runs ours in bf16-mixed and transformers'
+training under ``torch.autocast(bfloat16)`` (Lightning's ``bf16-mixed``), its inference and
+generation on a bf16 copy (greedy tokens then need not agree: the two round differently).
+Memory (``--only memory``): the peak bytes per rank of two training
 steps for several layout x precision x optimizer cases (``PeakMemory``: glibc's heap on CPU,
 ``max_memory_allocated`` on CUDA), beside the planner's prediction for the same call
 (:func:`lightning_real.planner.memory.call_memory`).
@@ -53,7 +59,7 @@ from lightning_real.models.shard import ModelShard
 from lightning_real.models.sharding import random_canonical
 from lightning_real.models.spec import ModelSpec
 from lightning_real.models.train import TrainConfig, TrainEngine
-from lightning_real.models.vocab_parallel import vocab_parallel_logprobs
+from lightning_real.models.vocab_parallel import next_token_logprobs
 from lightning_real.planner.flops import forward_flops, generate_flops, train_flops
 from lightning_real.planner.memory import call_memory
 
@@ -106,91 +112,112 @@ def _ids(rows: int, seq: int, vocab: int, seed: int) -> torch.Tensor:
 
 def _sft_loss(tp: Any) -> Any:
     def loss(out: torch.Tensor, mb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        lp = vocab_parallel_logprobs(out[:, :-1], mb["input_ids"][:, 1:], tp)
+        lp = next_token_logprobs(out, mb["input_ids"], tp)
         return -lp.sum(), {}
 
     return loss
 
 
-def _speed(rank: int, world: int, model: str, reps: int, precision: str) -> dict[str, Any]:
+def _side(rank: int, world: int, model: str, reps: int, precision: str, side: str) -> dict[str, Any]:
+    """One side (``ours`` or ``theirs``) alone in its processes: each call's timed runs, its peak
+    memory and the generated tokens."""
     spec = MODELS[model]
     dev = device()
     canonical = random_canonical(spec, seed=0)
-    reg = GroupRegistry()
-    groups = reg.for_layout(Layout(world, 1, 1, tuple(range(world))))
+    groups = GroupRegistry().for_layout(Layout(world, 1, 1, tuple(range(world))))
     dtype = torch.float32 if precision == "32-true" else torch.bfloat16
-    ours = ModelShard.from_canonical(spec, groups, canonical, BuildOptions(dtype=dtype, attention="sdpa"))
-    engine = TrainEngine(
-        ours,
-        _sft_loss(groups.tp),
-        TrainConfig(optim=OPT, norm_key=None, distributed_optimizer=world > 1, precision=precision),  # type: ignore[arg-type]
-    )
-    # transformers' side: fp32 parameters under bf16 autocast for training (Lightning's bf16-mixed),
-    # a bf16 copy for inference and generation
-    theirs = hf_model(spec, canonical).to(dev).train()
-    frozen = theirs if dtype == torch.float32 else hf_model(spec, canonical).to(dev, dtype)
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype != torch.float32)
-    ddp: Any = theirs
-    if world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(theirs)
-    opt = torch.optim.AdamW(theirs.parameters(), lr=OPT.lr, betas=OPT.betas, eps=OPT.eps)
-
     per = TRAIN_BATCH // world
     ids = _ids(TRAIN_BATCH, SEQ, spec.vocab_size, 1)[rank * per : (rank + 1) * per].to(dev)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    tokens = float(TRAIN_BATCH * SEQ)
-
-    def ours_train() -> None:
-        engine.step(batch)
-
-    def theirs_train() -> None:
-        opt.zero_grad(set_to_none=True)
-        with autocast:
-            logits = ddp(ids).logits.float()
-        lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-        (-lp.sum() / (TRAIN_BATCH / world)).backward()
-        torch.nn.utils.clip_grad_norm_(theirs.parameters(), OPT.max_grad_norm)
-        opt.step()
-
     iper = INFER_BATCH // world
     iids = _ids(INFER_BATCH, SEQ, spec.vocab_size, 2)[rank * iper : (rank + 1) * iper].to(dev)
-    imask = torch.ones_like(iids)
-
-    def ours_infer() -> None:
-        forward_logprobs(ours, iids, imask)
-
-    def theirs_infer() -> None:
-        with torch.no_grad():
-            logits = frozen(iids).logits.float()
-            torch.log_softmax(logits[:, :-1], -1).gather(-1, iids[:, 1:, None])
-
     gper = GEN_BATCH // world
     gids = _ids(GEN_BATCH, GEN_PROMPT, spec.vocab_size, 3)[rank * gper : (rank + 1) * gper].to(dev)
     gmask = torch.ones_like(gids)
-    cfg = GenerationConfig(max_new_tokens=GEN_NEW, greedy=True, eos_token_id=None, pad_token_id=0)
-    out: dict[str, Any] = {}
+    out: dict[str, torch.Tensor] = {}
+    if side == "ours":
+        ours = ModelShard.from_canonical(spec, groups, canonical, BuildOptions(dtype=dtype, attention="sdpa"))
+        engine = TrainEngine(
+            ours,
+            _sft_loss(groups.tp),
+            TrainConfig(optim=OPT, norm_key=None, distributed_optimizer=world > 1, precision=precision),  # type: ignore[arg-type]
+        )
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        imask = torch.ones_like(iids)
+        cfg = GenerationConfig(max_new_tokens=GEN_NEW, greedy=True, eos_token_id=None, pad_token_id=0)
 
-    def ours_gen() -> None:
-        out["ours"] = generate(ours, gids, gmask, cfg).tokens
+        def train() -> None:
+            engine.step(batch)
 
-    def theirs_gen() -> None:
-        with torch.no_grad():
-            frozen.eval()
-            out["theirs"] = frozen.generate(
-                gids,
-                attention_mask=gmask,
-                max_new_tokens=GEN_NEW,
-                min_new_tokens=GEN_NEW,
-                do_sample=False,
-                pad_token_id=0,
-                eos_token_id=None,
+        def infer() -> None:
+            forward_logprobs(ours, iids, imask)
+
+        def gen() -> None:
+            out["tokens"] = generate(ours, gids, gmask, cfg).tokens
+
+    else:
+        # fp32 parameters under bf16 autocast for training (Lightning's bf16-mixed), a bf16 copy
+        # for inference and generation
+        theirs = hf_model(spec, canonical).to(dev).train()
+        frozen = theirs if dtype == torch.float32 else hf_model(spec, canonical).to(dev, dtype)
+        autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype != torch.float32)
+        ddp: Any = torch.nn.parallel.DistributedDataParallel(theirs) if world > 1 else theirs
+        opt = torch.optim.AdamW(theirs.parameters(), lr=OPT.lr, betas=OPT.betas, eps=OPT.eps)
+
+        def train() -> None:
+            opt.zero_grad(set_to_none=True)
+            with autocast:
+                logits = ddp(ids).logits.float()
+            lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+            (-lp.sum() / (TRAIN_BATCH / world)).backward()
+            torch.nn.utils.clip_grad_norm_(theirs.parameters(), OPT.max_grad_norm)
+            opt.step()
+
+        def infer() -> None:
+            with torch.no_grad():
+                logits = frozen(iids).logits.float()
+                torch.log_softmax(logits[:, :-1], -1).gather(-1, iids[:, 1:, None])
+
+        def gen() -> None:
+            with torch.no_grad():
+                frozen.eval()
+                out["tokens"] = frozen.generate(
+                    gids,
+                    attention_mask=gmask,
+                    max_new_tokens=GEN_NEW,
+                    min_new_tokens=GEN_NEW,
+                    do_sample=False,
+                    pad_token_id=0,
+                    eos_token_id=None,
+                )
+                frozen.train()
+
+    result: dict[str, Any] = {}
+    for name, fn in (("train", train), ("inference", infer), ("generate", gen)):
+        fn()  # warm-up: lazily built state (optimizer moments, DDP buckets) exists after it
+        # Peak memory from one run apart from the timed ones: the heap sampler's thread (every
+        # 0.2 ms, taking the GIL and malloc's lock) would slow what it measures.
+        with PeakMemory() as peak:
+            fn()
+        result[name] = {"s": [_timed(fn) for _ in range(reps)], "peak_bytes": peak.peak}
+    result["tokens"] = out["tokens"].cpu()
+    return result
+
+
+def _speed(world: int, model: str, reps: int, precision: str, rounds: int, threads: int) -> dict[str, Any]:
+    """Both sides, each in its own processes, alternating ``rounds`` times (ours, theirs, ours,
+    ...): neither runs beside the other's model, allocator state or threads, and drift of the
+    machine falls on both. Tokens/s from the best of all timed runs."""
+    spec = MODELS[model]
+    runs: dict[str, list[list[dict[str, Any]]]] = {"ours": [], "theirs": []}
+    for _ in range(rounds):
+        for side in runs:
+            runs[side].append(
+                spawn(_side, world, model, reps, precision, side, threads=threads, timeout_s=1800)
             )
-            frozen.train()
-
-    cases = {
-        "train": (ours_train, theirs_train, tokens),
-        "inference": (ours_infer, theirs_infer, float(INFER_BATCH * SEQ)),
-        "generate": (ours_gen, theirs_gen, float(GEN_BATCH * GEN_NEW)),
+    tokens = {
+        "train": float(TRAIN_BATCH * SEQ),
+        "inference": float(INFER_BATCH * SEQ),
+        "generate": float(GEN_BATCH * GEN_NEW),
     }
     flops = {
         "train": train_flops(spec, TRAIN_BATCH, SEQ),
@@ -198,25 +225,20 @@ def _speed(rank: int, world: int, model: str, reps: int, precision: str) -> dict
         "generate": generate_flops(spec, GEN_BATCH, GEN_PROMPT, GEN_NEW),
     }
     result: dict[str, Any] = {}
-    for name, (a, b, n) in cases.items():
-        a(), b()  # warm-up
-        ta, tb, ma, mb = [], [], 0, 0
-        for _ in range(reps):
-            with PeakMemory() as pa:
-                ta.append(_timed(a))
-            with PeakMemory() as pb:
-                tb.append(_timed(b))
-            ma, mb = max(ma, pa.peak), max(mb, pb.peak)
-        result[name] = {
-            "ours_tok_s": n / min(ta),
-            "theirs_tok_s": n / min(tb),
-            "ours_s": ta,
-            "theirs_s": tb,
-            "ours_peak_bytes": ma,
-            "theirs_peak_bytes": mb,
-            "flops": flops[name],
-        }
-    result["generate"]["same_tokens"] = bool(torch.equal(out["ours"].cpu(), out["theirs"].cpu()))
+    for name, n in tokens.items():
+        row: dict[str, Any] = {"flops": flops[name]}
+        for side, per_round in runs.items():
+            # _timed reports the slowest rank's seconds to every rank; rank 0's list says it
+            times = [t for ranks in per_round for t in ranks[0][name]["s"]]
+            row[f"{side}_s"] = times
+            row[f"{side}_tok_s"] = n / min(times)
+            row[f"{side}_peak_bytes"] = max(r[name]["peak_bytes"] for ranks in per_round for r in ranks)
+        result[name] = row
+    result["generate"]["same_tokens"] = all(
+        torch.equal(a["tokens"], b["tokens"])
+        for rounds_a, rounds_b in zip(runs["ours"], runs["theirs"], strict=True)
+        for a, b in zip(rounds_a, rounds_b, strict=True)
+    )
     return result
 
 
@@ -292,7 +314,10 @@ def _packing(rank: int, world: int, model: str, reps: int, budget: int) -> dict[
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="bench", choices=sorted(MODELS))
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=3, help="timed runs per call in each process (default 3)")
+    ap.add_argument(
+        "--rounds", type=int, default=2, help="processes per side of each speed run, alternating (default 2)"
+    )
     ap.add_argument("--world", type=int, default=4, help="processes of the multi-process run (default 4)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the one-process run (default 2)")
     ap.add_argument("--only", choices=("speed", "memory", "packing"), default=None)
@@ -311,9 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         worlds = [int(w) for w in args.worlds.split(",")] if args.worlds else [1, args.world]
         for world in worlds:
             threads = args.threads if world == 1 else 1
-            res = spawn(
-                _speed, world, args.model, args.reps, args.precision, threads=threads, timeout_s=1800
-            )[0]
+            res = _speed(world, args.model, args.reps, args.precision, args.rounds, threads)
             report[f"speed_{world}"] = res
             print(
                 f"\n{world} process(es), {MODELS[args.model].num_params() / 1e6:.1f}M parameters, {args.precision}"

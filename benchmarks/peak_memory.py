@@ -3,6 +3,10 @@
 On CPU, torch's tensors live in glibc's heap; its in-use bytes (``mallinfo2``: ``uordblks`` +
 ``hblkhd``) are sampled every 0.2 ms on a side thread and the peak above the level at entry is
 reported. On CUDA, ``torch.cuda.max_memory_allocated``.
+
+Do not time code inside it on CPU: the sampler's thread takes the GIL and malloc's lock every
+0.2 ms and slowed the engine's training step 2-3x (docs/benchmarks.md); measure memory in a run
+of its own.
 """
 
 from __future__ import annotations

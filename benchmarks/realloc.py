@@ -168,27 +168,34 @@ def _worker(rank: int, world: int, hidden: int, layers: int, reps: int, bucket: 
         row = Row(f"{A} -> {B}", 0, 0, [], [], 0, 0, 0, 0, exact, [], None, 0, err)
         # Repeats interleave the measurements (and the bandwidth probe) so that background load
         # hits them alike.
-        for _ in range(reps):
+        # Peak memory comes from untimed runs of the first repeat: the heap sampler's thread
+        # (every 0.2 ms, taking the GIL and malloc's lock) would slow what it timed.
+        for i in range(reps):
             row.p2p.append(probe.measure())
             # 1. The full move: allocate B, fill it, free A.
-            with PeakMemory() as pm:
-                row.seconds.append(_timed(lambda ra=ra, A=A, B=B: ra.move(A, B)))
-            row.peak_ours = max(row.peak_ours, pm.peak)
+            if i == 0:
+                with PeakMemory() as pm:
+                    ra.move(A, B)
+                row.peak_ours = pm.peak
+                ra.move(B, A)
+            row.seconds.append(_timed(lambda ra=ra, A=A, B=B: ra.move(A, B)))
             row.bytes_sent, row.staging = ra.last_stats.bytes_sent, ra.last_stats.staging_bytes
             row.dst_shard = resident_bytes(sh_b.module)
             ra.move(B, A)
             # 2. The same with B already allocated and A kept: what megatron's swap does.
             ra.move(A, B, keep_source=True)
-            with PeakMemory() as pm:
-                row.seconds_resident.append(_timed(lambda ra=ra, A=A, B=B: ra.move(A, B, keep_source=True)))
-            row.peak_resident = max(row.peak_resident, pm.peak)
+            if i == 0:
+                with PeakMemory() as pm:
+                    ra.move(A, B, keep_source=True)
+                row.peak_resident = pm.peak
+            row.seconds_resident.append(_timed(lambda ra=ra, A=A, B=B: ra.move(A, B, keep_source=True)))
             # 3. megatron-core.
             if not err:
-                with PeakMemory() as pm:
-                    row.mcore_seconds.append(
-                        _timed(lambda s=m_src, d=m_dst: swap_model_weights(s, d, "gloo"))
-                    )
-                row.mcore_peak = max(row.mcore_peak, pm.peak)
+                if i == 0:
+                    with PeakMemory() as pm:
+                        swap_model_weights(m_src, m_dst, "gloo")
+                    row.mcore_peak = pm.peak
+                row.mcore_seconds.append(_timed(lambda s=m_src, d=m_dst: swap_model_weights(s, d, "gloo")))
             ra.release(B)
         ra.move(A, B, keep_source=True)  # every rank of A and B takes part
         if not err and mc_dst.member:

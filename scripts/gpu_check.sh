@@ -23,7 +23,7 @@ python3 -c "import torch, megatron.core, lightning_real; print('torch', torch.__
 start=$(date +%s)
 timeout 200 python3 -m pytest -q -m cuda -rs -p no:cacheprovider tests/test_cuda_parity.py 2>&1 | tail -40 > "$OUT/cuda_tests.txt"
 tests_rc=${PIPESTATUS[0]}
-timeout 220 python3 benchmarks/engine.py --only speed --model 0.5b --precision bf16-mixed --worlds 1 \
+timeout 220 python3 benchmarks/engine.py --only speed --model 0.5b --precision bf16-mixed --worlds 1 --rounds 1 \
   --reps 3 --peak-tflops 790 --json "$OUT/engine.json" > "$OUT/engine.txt" 2>&1
 bench_rc=$?
 python3 - "$OUT" "$tests_rc" "$bench_rc" "$start" <<'PY'

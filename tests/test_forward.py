@@ -251,3 +251,52 @@ def test_unpadded_batch_runs_without_a_mask():
             # megatron's local attention builds its own causal mask, SDPA takes is_causal;
             # both equal transformers' forward at the module's fp32 tolerance
             assert (logits[..., : spec.vocab_size] - ref).abs().max() < ATOL, key
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_equals_megatrons_rotation_with_gradients(dtype: torch.dtype) -> None:
+    """The hand-fused rotation against megatron-core's ``_apply_rotary_pos_emb_bshd`` on the same
+    ``[s, b, n, d]`` input (a strided view, as the split qkv is), values and gradients. It fuses a
+    product into the add, so the two round differently: 1e-6 in fp32 (values ~1), one bf16 step
+    (2^-7 relative, values up to ~4) in bf16."""
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+
+    from lightning_real.models.attention import rope
+
+    g = torch.Generator().manual_seed(5)
+    qkv = torch.randn(7, 2, 3, 24, generator=g).to(dtype)
+    inv = 1.0 / 10000 ** (torch.arange(0, 8, 2).float() / 8)
+    freqs = torch.outer(torch.arange(7).float(), inv)
+    freqs = torch.cat([freqs, freqs], -1)[:, None, None, :]  # megatron's layout: [s, 1, 1, d]
+    upstream = torch.randn(7, 2, 3, 8, generator=g).to(dtype)
+    results = []
+    for fn in (rope, _apply_rotary_pos_emb_bshd):
+        x = qkv.clone().requires_grad_(True)
+        out = fn(x[..., 8:16], freqs)
+        (out.float() * upstream.float()).sum().backward()
+        assert x.grad is not None
+        results.append((out.detach().float(), x.grad.float()))
+    tol = 1e-6 if dtype == torch.float32 else 4 * 2**-7
+    for ours, theirs in zip(results[0], results[1], strict=True):
+        torch.testing.assert_close(ours, theirs, atol=tol, rtol=0)
+    assert not results[0][1][..., :8].any() and not results[0][1][..., 16:].any()
+
+
+def _rope_layers(rank: int, world: int) -> tuple[list[str], list[bool]]:
+    ids, pad = _batch()
+    spec = tiny_spec("llama")
+    groups = GroupRegistry().for_layout(Layout(1, 1, 1, (0,)))
+    shard = ModelShard.from_canonical(spec, groups, random_canonical(spec, seed=7))
+    assert shard.module is not None
+    attn = [layer.self_attention for layer in shard.module.decoder.layers]
+    forward_logits(shard, ids, pad)
+    return [type(a).__name__ for a in attn], [a._rope is None for a in attn]
+
+
+def test_layers_rotate_with_the_fused_rope_and_keep_no_state() -> None:
+    """The SDPA layer spec's self-attention is ``RopeSelfAttention`` (its logits are those the
+    transformers-parity tests above check); after a forward it holds no embedding (the rotation
+    is handed over within one call only)."""
+    (names, cleared), *_ = spawn(_rope_layers, 1)
+    assert names and set(names) == {"RopeSelfAttention"}
+    assert all(cleared)

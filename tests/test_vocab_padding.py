@@ -25,7 +25,11 @@ from lightning_real.models.masks import next_token_valid
 from lightning_real.models.shard import ModelShard
 from lightning_real.models.sharding import WORD_EMBEDDINGS, random_canonical, stage_param_specs
 from lightning_real.models.spec import ModelSpec, tiny_spec
-from lightning_real.models.vocab_parallel import vocab_parallel_entropy, vocab_parallel_logprobs
+from lightning_real.models.vocab_parallel import (
+    next_token_logprobs,
+    vocab_parallel_entropy,
+    vocab_parallel_logprobs,
+)
 from lightning_real.realloc import Reallocator, key_tensors, plan_realloc, realloc_bytes
 
 SPECS = {
@@ -118,6 +122,38 @@ def test_fused_logprobs_under_tp2_equal_log_softmax_with_gradients():
         torch.testing.assert_close(lp, lp_ref.detach(), atol=1e-6, rtol=0)
         torch.testing.assert_close(grad, ref.grad[..., rank * 8 : (rank + 1) * 8], atol=1e-6, rtol=0)
     assert not ref.grad[..., 13:].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_next_token_logprobs_equal_the_sliced_form_with_gradients(dtype: torch.dtype) -> None:
+    """Scoring the whole width and dropping the last position gives the sliced form's values and
+    gradients (0 at the last position). The same fp32 operations on the same rows on both sides,
+    so equal bit for bit; bf16 logits take the path that overwrites their fp32 copy in place."""
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(3, 6, 10, generator=g).to(dtype)
+    ids = torch.randint(0, 10, (3, 6), generator=g)
+    weights = torch.rand(3, 5, generator=g)
+    a = logits.clone().requires_grad_(True)
+    b = logits.clone().requires_grad_(True)
+    lp_a = next_token_logprobs(a, ids, None)
+    lp_b = vocab_parallel_logprobs(b[:, :-1], ids[:, 1:], None)
+    assert lp_a.shape == (3, 5) and lp_a.dtype == torch.float32
+    assert torch.equal(lp_a, lp_b)
+    (lp_a * weights).sum().backward()
+    (lp_b * weights).sum().backward()
+    assert a.grad is not None and b.grad is not None
+    assert torch.equal(a.grad, b.grad) and not a.grad[:, -1].any()
+    assert torch.equal(logits, a.detach())  # the input itself is never written
+    # against autograd through log_softmax of the same values in fp32: the values to 1e-6 (fp32
+    # sums in another order); the gradient, cast to the logits' dtype, within one rounding of it
+    # (2^-8 relative in bf16; gradients are at most 1 here)
+    ref = logits.float().requires_grad_(True)
+    lp_ref = torch.log_softmax(ref[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    (lp_ref * weights).sum().backward()
+    assert ref.grad is not None
+    torch.testing.assert_close(lp_a, lp_ref.detach(), atol=1e-6, rtol=0)
+    tol = 1e-6 if dtype == torch.float32 else 2**-8
+    torch.testing.assert_close(a.grad.float(), ref.grad.to(dtype).float(), atol=tol, rtol=0)
 
 
 def test_fused_logprobs_refuse_a_second_backward():

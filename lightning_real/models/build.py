@@ -190,6 +190,28 @@ def _pad_vocab(model: GPTModel, spec: ModelSpec, groups: LayoutGroups) -> None:
         model.output_layer.register_forward_hook(hook)
 
 
+def _batch_first_logits(model: GPTModel) -> None:
+    """Let the LM head write ``[b, s, V]`` logits directly.
+
+    megatron-core's GPTModel returns ``logits.transpose(0, 1).contiguous()``: a logit-sized copy
+    in the forward and another in the backward. The head's input is transposed instead (``V / h``
+    times fewer elements) and its output handed back as an ``[s, b, V]`` view of the ``[b, s, V]``
+    result, so that ``.contiguous()`` finds nothing to copy. Registered after the padding mask's
+    hook, which then sees the ``[b, s, V]`` result. Not for sequence parallelism (the head's
+    input would be gathered along the sequence, dim 0); the runtime never enables it.
+    """
+
+    def batch_first(module: nn.Module, args: tuple) -> tuple:
+        return (args[0].transpose(0, 1).contiguous(), *args[1:])
+
+    def seq_first_view(module: nn.Module, args: tuple, output: tuple) -> tuple:
+        logits, bias = output
+        return logits.transpose(0, 1), bias
+
+    model.output_layer.register_forward_pre_hook(batch_first)
+    model.output_layer.register_forward_hook(seq_first_view)
+
+
 def build_gpt(
     spec: ModelSpec, groups: LayoutGroups, seed: int = 0, options: BuildOptions | None = None
 ) -> GPTModel:
@@ -253,6 +275,8 @@ def build_gpt(
                 if p.dtype != opts.dtype:
                     p.data = p.data.to(opts.dtype)
     _pad_vocab(model, spec, groups)
+    if spec.head == "lm" and groups.is_last_stage and not config.sequence_parallel:
+        _batch_first_logits(model)
     if has_cuda():
         model = model.cuda()
     return model

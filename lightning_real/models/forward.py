@@ -21,7 +21,7 @@ from lightning_real.models.masks import (
 from lightning_real.models.packing import SEGMENT_IDS, pack
 from lightning_real.models.pipeline import MicroBatch, broadcast_from_last_stage, run_forward
 from lightning_real.models.shard import ModelShard
-from lightning_real.models.vocab_parallel import gather_vocab, vocab_parallel_logprobs
+from lightning_real.models.vocab_parallel import gather_vocab, next_token_logprobs
 
 __all__ = [
     "attention_mask_4d",
@@ -147,7 +147,8 @@ def forward_logprobs(
     g = shard.groups
 
     def fn(out: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
-        lp = vocab_parallel_logprobs(out[:, :-1] / temperature, mb.input_ids[:, 1:], g.tp)
+        logits = out if temperature == 1.0 else out / temperature  # no logit-sized copy at 1
+        lp = next_token_logprobs(logits, mb.input_ids, g.tp)
         return torch.nn.functional.pad(lp, (0, 1))  # keep width s for the broadcast
 
     lp = _run(shard, input_ids, pad_mask, n_mbs, segment_ids, fn, None, torch.float32, token_budget)[:, :-1]

@@ -72,6 +72,10 @@ class _LogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, logits: torch.Tensor, labels: torch.Tensor, group: Any) -> torch.Tensor:
         z = logits.float()
+        # A bf16 input was copied to fp32 here: that copy becomes the exponential in place. (An
+        # fp32 result from the bf16 logits in one op is no cheaper on CPU: torch casts the bf16
+        # operand to an fp32 temporary first.)
+        owned = z.data_ptr() != logits.data_ptr()
         m = _row_max(z, group)
         tp = _tp_size(group)
         part = z.shape[-1]
@@ -81,7 +85,8 @@ class _LogProbs(torch.autograd.Function):
         idx = local.clamp(0, part - 1).unsqueeze(-1)
         # A label held elsewhere may be clamped onto a -inf padding column: select, do not multiply.
         picked = torch.where(inside, z.gather(-1, idx).squeeze(-1) - m.squeeze(-1), 0.0)
-        e = (z - m).exp_()  # one logit-sized fp32 temporary; padding columns (-inf) give 0
+        # the one logit-sized fp32 tensor; padding columns (-inf) give 0
+        e = (z.sub_(m) if owned else z - m).exp_()
         sumexp = e.sum(-1)
         if tp > 1:
             both = torch.stack([picked, sumexp])
@@ -145,3 +150,15 @@ def gather_vocab(logits: torch.Tensor, group: Any = None, vocab_size: int | None
         dist.all_gather(parts, logits.contiguous(), group=group)
         logits = torch.cat(parts, -1)
     return logits if vocab_size is None else logits[..., :vocab_size]
+
+
+def next_token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, tp_group: Any) -> torch.Tensor:
+    """``log p(token t+1 | tokens <= t)``, ``[b, s - 1]`` fp32, from ``[b, s, P/tp]`` logits.
+
+    The values of ``vocab_parallel_logprobs(logits[:, :-1], input_ids[:, 1:], tp_group)``, without
+    slicing the logits: the last position is scored against a stand-in label and dropped, so the
+    backward hands back the logits' gradient whole (0 at that position), where the slice's
+    backward would zero-fill a logit-sized tensor and copy the gradient into it.
+    """
+    labels = torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1)
+    return vocab_parallel_logprobs(logits, labels, tp_group)[:, :-1]

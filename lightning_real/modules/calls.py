@@ -239,10 +239,10 @@ def policy_step_loss(
     KL loss reads ``ref_logp``, truncated importance sampling ``rollout_logp``); the entropy is
     always reported, with a graph only when weighted."""
     from lightning_real.algorithms.policy import combined_policy_loss
-    from lightning_real.models.vocab_parallel import vocab_parallel_entropy, vocab_parallel_logprobs
+    from lightning_real.models.vocab_parallel import next_token_logprobs, vocab_parallel_entropy
 
     logits = out[:, :-1]
-    logp = vocab_parallel_logprobs(logits, mb["input_ids"][:, 1:], tp_group)
+    logp = next_token_logprobs(out, mb["input_ids"], tp_group)
     if cfg.entropy_coef:
         entropy = vocab_parallel_entropy(logits, tp_group)
     else:

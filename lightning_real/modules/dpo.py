@@ -130,9 +130,9 @@ class DPOModule(RLHFModule):
 
     def _loss(self, out: torch.Tensor, mb: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         from lightning_real.algorithms.dpo import dpo_loss
-        from lightning_real.models.vocab_parallel import vocab_parallel_logprobs
+        from lightning_real.models.vocab_parallel import next_token_logprobs
 
-        lp = vocab_parallel_logprobs(out[:, :-1], mb["input_ids"][:, 1:], self.engines["actor"].tp_group)
+        lp = next_token_logprobs(out, mb["input_ids"], self.engines["actor"].tp_group)
         chosen, rejected = pair_logps(lp, mb["chosen_loss_mask"], mb["rejected_loss_mask"])
         loss, m = dpo_loss(
             chosen, rejected, mb["ref_chosen_logp"], mb["ref_rejected_logp"], self.dpo, reduction="sum"

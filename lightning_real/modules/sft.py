@@ -57,9 +57,9 @@ class SFTModule(RLHFModule):
 
     def _loss(self, out: torch.Tensor, mb: Rows) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         from lightning_real.algorithms.sft import sft_loss
-        from lightning_real.models.vocab_parallel import vocab_parallel_logprobs
+        from lightning_real.models.vocab_parallel import next_token_logprobs
 
-        lp = vocab_parallel_logprobs(out[:, :-1], mb["input_ids"][:, 1:], self.engines["actor"].tp_group)
+        lp = next_token_logprobs(out, mb["input_ids"], self.engines["actor"].tp_group)
         return sft_loss(lp, mb["loss_mask"], reduction="sum")
 
     def real_calls(self, ctx: RuntimeContext) -> dict[str, CallFn]:

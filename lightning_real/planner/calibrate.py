@@ -198,7 +198,7 @@ def _backend(rank: int, world: int, reps: int) -> tuple[float, float, tuple[floa
     from lightning_real.models.build import build_gpt
     from lightning_real.models.forward import forward_logprobs
     from lightning_real.models.train import INPUT_IDS, TrainConfig, TrainEngine
-    from lightning_real.models.vocab_parallel import vocab_parallel_logprobs
+    from lightning_real.models.vocab_parallel import next_token_logprobs
 
     reg = GroupRegistry()
     groups = reg.for_layout(Layout(1, 1, 1, (0,)))
@@ -233,7 +233,7 @@ def _backend(rank: int, world: int, reps: int) -> tuple[float, float, tuple[floa
             out[4 + i] = _decode_step(ModelShard.build(spec, groups, seed=0), rows, prompt, max(5, reps // 2))
 
         def loss_fn(output: torch.Tensor, mb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-            lp = vocab_parallel_logprobs(output[:, :-1], mb[INPUT_IDS][:, 1:], groups.tp)
+            lp = next_token_logprobs(output, mb[INPUT_IDS], groups.tp)
             return -lp.sum(), {}
 
         engine = TrainEngine(shard, loss_fn, TrainConfig(n_mbs=1, norm_key=None))
