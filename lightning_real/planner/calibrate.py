@@ -9,7 +9,8 @@
   softmax over ``[4096, 1024]``), counting each operation's nominal reads and writes (kept as
   a cross-check and a fallback);
 * all-reduce latency (4 KB) and bus bandwidth (16 MB) over all processes, and the latency of a
-  4 KB all-reduce within a pair of processes while the others wait (``pair_latency``);
+  4 KB all-reduce within a pair of processes while the others wait, with decode-sized work
+  between the all-reduces (``pair_latency``);
 * from the megatron-core backend itself: the fixed cost per transformer layer (forward of 1 and
   of 5 tiny layers on one token, divided by the 4 extra layers), and the runtime's own calls on
   a small calibration model (3 layers, 192 wide, 8 x 256 tokens): its inference call
@@ -167,20 +168,47 @@ def _alone_and_together(rank: int, world: int, work: Any, reps: int) -> tuple[fl
 
 
 def _allreduce_time(
-    nbytes: int, dev: torch.device, reps: int, runs: int = 1, group: Any = None, member: bool = True
+    nbytes: int,
+    dev: torch.device,
+    reps: int,
+    runs: int = 1,
+    group: Any = None,
+    member: bool = True,
+    between: bool = False,
 ) -> float:
     """Seconds of one all-reduce of ``nbytes`` over ``group`` (None: all processes): the median of
     ``reps`` blocks of ``runs`` all-reduces each; non-members wait in the next collective, as the
-    ranks outside a call's layout do."""
+    ranks outside a call's layout do. ``between``: a decode-sized matmul runs before each
+    all-reduce and only the all-reduces are counted, as a tensor-parallel decode step meets
+    them (back to back, two processes on their own cores keep each other hot and a pair's
+    all-reduce read 0.3-0.7 ms here, against 0.8-0.95 ms with work between)."""
     x = torch.ones(nbytes // 4, device=dev)
+    a, w = torch.ones(16, 512, device=dev), torch.ones(512, 1408, device=dev)
 
-    def run() -> None:
+    def plain() -> float:
+        t0 = time.perf_counter()
         for _ in range(runs):
             dist.all_reduce(x, group=group)
+        _sync()
+        return time.perf_counter() - t0
 
+    def interleaved() -> float:
+        spent = 0.0
+        for _ in range(runs):
+            a @ w
+            _sync()
+            t0 = time.perf_counter()
+            dist.all_reduce(x, group=group)
+            _sync()
+            spent += time.perf_counter() - t0
+        return spent
+
+    block = interleaved if between else plain
     dist.barrier()
-    # a fixed number of runs: every rank must join the same collectives
-    mine = _timed(run, reps, block_s=0.0) / runs if member else 0.0
+    mine = 0.0
+    if member:  # a fixed number of runs: every member must join the same collectives
+        block()  # warm-up
+        mine = statistics.median(block() for _ in range(reps)) / runs
     t = torch.tensor([mine], dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t[0])
@@ -294,7 +322,12 @@ def _probe(rank: int, world: int, reps: int) -> dict[str, float]:
     # a pair of processes (a tp=2 group) while the others wait: on shared cores it takes less
     # than one step of the whole node's all-reduce
     pair = dist.new_group([0, 1]) if world > 2 else None
-    t_pair = _allreduce_time(SMALL_BYTES, dev, reps, SMALL_RUNS, pair, rank < 2) if world > 2 else t_small
+    # with decode-sized work between the all-reduces, as tensor-parallel decode steps run them
+    t_pair = (
+        _allreduce_time(SMALL_BYTES, dev, reps, SMALL_RUNS, pair, rank < 2, between=True)
+        if world > 2
+        else t_small
+    )
     t_big = _allreduce_time(BIG_BYTES, dev, max(3, reps // 2))
     latency = t_small / steps
     factor = 2 * (world - 1) / world if world > 1 else 1.0
