@@ -183,16 +183,14 @@ def _allreduce_time(
     them (back to back, two processes on their own cores keep each other hot and a pair's
     all-reduce read 0.3-0.7 ms here, against 0.8-0.95 ms with work between)."""
     x = torch.ones(nbytes // 4, device=dev)
-    a, w = torch.ones(16, 512, device=dev), torch.ones(512, 1408, device=dev)
 
-    def plain() -> float:
-        t0 = time.perf_counter()
+    def run() -> None:
         for _ in range(runs):
             dist.all_reduce(x, group=group)
-        _sync()
-        return time.perf_counter() - t0
 
     def interleaved() -> float:
+        """Seconds in the ``runs`` all-reduces of one block, the matmuls between not counted."""
+        a, w = torch.ones(16, 512, device=dev), torch.ones(512, 1408, device=dev)
         spent = 0.0
         for _ in range(runs):
             a @ w
@@ -203,12 +201,14 @@ def _allreduce_time(
             spent += time.perf_counter() - t0
         return spent
 
-    block = interleaved if between else plain
     dist.barrier()
+    # a fixed number of runs: every member must join the same collectives
     mine = 0.0
-    if member:  # a fixed number of runs: every member must join the same collectives
-        block()  # warm-up
-        mine = statistics.median(block() for _ in range(reps)) / runs
+    if member and between:
+        interleaved()  # warm-up
+        mine = statistics.median(interleaved() for _ in range(reps)) / runs
+    elif member:
+        mine = _timed(run, reps, block_s=0.0) / runs
     t = torch.tensor([mine], dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t[0])
